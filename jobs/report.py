@@ -1,0 +1,11 @@
+"""ray-wsss stage report: the HTML report, as a script for `ray job submit`.
+
+    ray job submit --working-dir . -- python jobs/report.py --config configs/demo.yaml \
+        --run-dir runs/demo [key.sub=value ...]
+"""
+import sys
+
+from ray_wsss.cli import job_main
+
+if __name__ == "__main__":
+    sys.exit(job_main("report"))

@@ -1,0 +1,116 @@
+"""Stage `cams`: class activation maps for every image, on Ray Data actors.
+
+`map_batches` with a callable class: each actor loads the classifier once (on a GPU when
+`cams.gpus_per_actor` > 0) and turns batches of encoded images into CAMs of the image's
+own classes, with multi-scale + flip TTA. Streaming: images flow from the Parquet
+dataset through the actors to Parquet files; nothing is collected on the driver.
+
+Output rows (cams/*.parquet): image_id, split, image, mask, label_vector, height, width,
+cam (.npy float16 (n, H, W): the maps of the image's classes in increasing class order),
+probs (K float32: the classifier's sigmoid outputs).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..data.codecs import decode_image, encode_array
+from ..data.dataset import label_matrix, open_dataset, vector_to_labels
+from ..errors import ConfigError
+from ..run import Run
+
+PASSTHROUGH = ("image_id", "split", "image", "mask", "label_vector")
+
+
+class CamPredictor:
+    """Ray Data callable class: batch of dataset rows -> rows with `cam` and `probs`."""
+
+    def __init__(self, model_dir: str, method: str, scales, flip: bool, threads: int = 1,
+                 use_gpu: bool = False):
+        import torch
+
+        from ..models.classifier import load_classifier
+        from .methods import get_method
+
+        torch.set_num_threads(max(1, threads))
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.model = load_classifier(model_dir, self.device).eval()
+        self.method = get_method(method)
+        self.scales = tuple(scales)
+        self.flip = flip
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+
+        from .tta import tta_maps
+
+        n = len(batch["image_id"])
+        images = [decode_image(d, f"image_id {i}") for d, i in zip(batch["image"],
+                                                                     batch["image_id"])]
+        vectors = label_matrix(batch["label_vector"])
+        cams: list[bytes | None] = [None] * n
+        probs = np.zeros((n, vectors.shape[1]), np.float32)
+        by_shape: dict[tuple[int, int], list[int]] = {}
+        for i, img in enumerate(images):
+            by_shape.setdefault(img.shape[:2], []).append(i)
+        for idx in by_shape.values():
+            x = torch.from_numpy(np.stack([images[i] for i in idx])).to(self.device)
+            x = x.permute(0, 3, 1, 2).float()
+            class_sets = [vector_to_labels(vectors[i]) - 1 for i in idx]
+            maps, p = tta_maps(self.model, self.method, x, class_sets, self.scales, self.flip)
+            for j, i in enumerate(idx):
+                cams[i] = encode_array(maps[j])
+                probs[i] = p[j]
+        out = {k: batch[k] for k in PASSTHROUGH}
+        out["height"] = np.array([im.shape[0] for im in images], np.int32)
+        out["width"] = np.array([im.shape[1] for im in images], np.int32)
+        out["cam"] = np.array(cams, dtype=object)
+        out["probs"] = probs
+        return out
+
+
+def actor_count(cfg) -> int:
+    """cams.num_actors, or by default one actor per GPU, or all CPUs but one: Ray Data's
+    read and write tasks need a CPU of their own, and an actor pool that holds every CPU
+    starves them (the stage would hang)."""
+    import ray
+
+    resources = ray.cluster_resources()
+    cpus = int(resources.get("CPU", 1))
+    if cfg.gpus_per_actor > 0:
+        n = cfg.num_actors or max(1, int(resources.get("GPU", 0) // cfg.gpus_per_actor))
+    else:
+        n = cfg.num_actors or max(1, (cpus - 1) // cfg.cpus_per_actor)
+    if n * cfg.cpus_per_actor >= cpus and cpus > 1:
+        raise ConfigError(f"cams: {n} actor(s) x {cfg.cpus_per_actor} CPU would hold all "
+                          f"{cpus} CPUs of the cluster and starve Ray Data's read tasks; "
+                          "lower cams.num_actors or cams.cpus_per_actor")
+    return n
+
+
+def cam_dataset(config, run: Run, model_dir: str | None = None, splits=None):
+    """The (lazy) Ray Dataset of CAM rows for `splits` (default: cams.splits)."""
+    import ray.data
+
+    cfg = config.cams
+    ds = open_dataset(run.dataset_path, list(PASSTHROUGH), splits or list(cfg.splits),
+                      rows_per_block=cfg.batch_size)
+    use_gpu = cfg.gpus_per_actor > 0
+    return ds.map_batches(
+        CamPredictor,
+        fn_constructor_kwargs={"model_dir": model_dir or run.path("classifier"),
+                               "method": cfg.method, "scales": cfg.scales, "flip": cfg.flip,
+                               "threads": cfg.torch_threads or cfg.cpus_per_actor,
+                               "use_gpu": use_gpu},
+        compute=ray.data.ActorPoolStrategy(size=actor_count(cfg)),
+        batch_size=cfg.batch_size, batch_format="numpy",
+        num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor or None,
+    )
+
+
+def run(config, run: Run) -> dict:
+    from .methods import get_method
+
+    get_method(config.cams.method)  # fail on a bad name before starting actors
+    with run.output("cams") as out:
+        cam_dataset(config, run).write_parquet(out)
+    return {}

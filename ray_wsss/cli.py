@@ -1,0 +1,242 @@
+"""`ray-wsss`: the command line.
+
+    ray-wsss demo [--run-dir DIR] [key.sub=value ...]
+    ray-wsss run CONFIG.yaml [--run-dir DIR] [--force] [key.sub=value ...]
+    ray-wsss stage NAME CONFIG.yaml [--run-dir DIR] [--force] [key.sub=value ...]
+    ray-wsss import voc PATH --out DIR
+    ray-wsss import folder PATH [--labels CSV] [--masks DIR] --classes NAMES --out DIR
+    ray-wsss import coco INSTANCES.json --images DIR --out DIR
+    ray-wsss metrics RUN_DIR
+
+Errors of the project's own types print as one line naming the file, row or key.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from . import storage
+from .errors import WsssError
+
+
+def _config(args) -> "PipelineConfig":  # noqa: F821
+    from .config import load_config
+
+    overrides = list(args.overrides)
+    if getattr(args, "run_dir", None):
+        overrides.append(f"run_dir={args.run_dir}")
+    return load_config(getattr(args, "config", None), overrides)
+
+
+DEMO_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "demo.yaml")
+
+
+def cmd_demo(args) -> int:
+    from .pipeline import run_pipeline
+
+    args.config = DEMO_CONFIG
+    run = run_pipeline(_config(args), force=args.force)
+    print_summary(run.root)
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .pipeline import run_pipeline
+
+    run = run_pipeline(_config(args), force=args.force)
+    print_summary(run.root)
+    return 0
+
+
+def cmd_stage(args) -> int:
+    from .pipeline import run_stage
+    from .run import Run
+
+    config = _config(args)
+    run = Run(config)
+    storage.makedirs(run.root)
+    run_stage(args.name, config, run, force=args.force)
+    return 0
+
+
+def cmd_metrics(args) -> int:
+    print_summary(storage.resolve(args.run_dir))
+    return 0
+
+
+def print_summary(root: str) -> None:
+    """The table of the evaluate stage and the report's path."""
+    path = storage.join(root, "metrics.json")
+    if not storage.exists(path):
+        print(f"no metrics yet in {root}")
+        return
+    metrics = storage.read_json(path)
+    ev = metrics.get("evaluate")
+    if ev:
+        cams = ev["cams"]
+        t = cams["best_threshold"]
+        rows = [
+            (f"CAM seeds (best threshold {t})" if t is not None else "CAM seeds (argmax)",
+             cams["best"]),
+            (f"CAM seeds (threshold {ev['seeds']['background_threshold']})", ev["seeds"]),
+            ("CRF pseudo masks", ev["crf"]),
+        ]
+        print()
+        print(f"Evaluation on split(s) {', '.join(ev['splits'])}: {ev['images']} images "
+              "with ground truth")
+        print(f"{'':36s}{'mIoU':>8s}{'pixel acc':>11s}{'mean F1':>9s}")
+        for name, m in rows:
+            print(f"{name:36s}{100 * m['miou']:8.1f}{100 * m['pixel_accuracy']:11.1f}"
+                  f"{100 * m['mean_f1']:9.1f}")
+    cls = metrics.get("classifier")
+    if cls and cls.get("val_map") is not None:
+        print(f"classifier: val mAP {cls['val_map']:.1f} after {cls.get('epoch')} epochs")
+    report = storage.join(root, "report", "index.html")
+    if storage.exists(report):
+        print(f"report: {report}")
+
+
+def _subset(spec: str) -> tuple[str, str, str | None]:
+    split, _, paths = spec.partition("=")
+    images, _, masks = paths.partition(":")
+    if not split or not images:
+        raise argparse.ArgumentTypeError(f"--subset {spec!r}: expected SPLIT=IMAGES[:MASKS]")
+    return split, images, masks or None
+
+
+def cmd_import(args) -> int:
+    from .data import importers
+
+    opts = importers.ImportOptions(mask_offset=getattr(args, "mask_offset", 0),
+                                   ignore_values=tuple(getattr(args, "ignore_value", None) or ()),
+                                   max_image_side=args.max_image_side, skip_bad=args.skip_bad,
+                                   overwrite=args.overwrite)
+    if args.format == "voc":
+        result = importers.import_voc(args.path, args.out, opts,
+                                      splits=args.splits.split(",") if args.splits else None)
+    elif args.format == "folder":
+        root = args.path
+        if args.subset:
+            subsets = [(s, os.path.join(root, i), os.path.join(root, m) if m else None)
+                       for s, i, m in args.subset]
+        else:
+            subsets = [(args.split, root, args.masks)]
+        result = importers.import_folder(subsets, args.out, labels_csv=args.labels,
+                                         classes=args.classes, background=not args.no_background,
+                                         opts=opts)
+    else:
+        result = importers.import_coco([(args.split, args.path, args.images)], args.out, opts)
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(result.counts.items()))
+    print(f"imported {counts} images into {result.path}")
+    if result.skipped:
+        print(f"skipped {len(result.skipped)} bad input(s):")
+        for s in result.skipped:
+            print(f"  {s['file']}: {s['reason']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ray-wsss",
+                                description="Weakly supervised semantic segmentation on Ray.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def run_args(q, with_config: bool = True):
+        if with_config:
+            q.add_argument("config", help="YAML config file")
+        q.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                       help="config overrides, e.g. classifier.epochs=3")
+        q.add_argument("--run-dir", help="run directory (local path or URI)")
+        q.add_argument("--force", action="store_true", help="rerun stages that are up to date")
+
+    q = sub.add_parser("demo", help="run the whole pipeline on the bundled demo data")
+    run_args(q, with_config=False)
+    q.set_defaults(fn=cmd_demo)
+    q = sub.add_parser("run", help="run the pipeline (finished stages are skipped)")
+    run_args(q)
+    q.set_defaults(fn=cmd_run)
+    q = sub.add_parser("stage", help="run one stage")
+    q.add_argument("name", help="dataset, classifier, cams, crf, evaluate or report")
+    run_args(q)
+    q.set_defaults(fn=cmd_stage)
+    q = sub.add_parser("metrics", help="print a run's evaluation table")
+    q.add_argument("run_dir")
+    q.set_defaults(fn=cmd_metrics)
+
+    imp = sub.add_parser("import", help="turn a folder of images into a dataset")
+    isub = imp.add_subparsers(dest="format", required=True)
+
+    def import_args(q):
+        q.add_argument("--out", required=True, help="dataset folder to create")
+        q.add_argument("--skip-bad", action="store_true",
+                       help="skip bad images and report them instead of stopping")
+        q.add_argument("--max-image-side", type=int, help="shrink larger images to this")
+        q.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+        q.set_defaults(fn=cmd_import)
+
+    q = isub.add_parser("voc", help="VOC layout: JPEGImages, SegmentationClass, ImageSets")
+    q.add_argument("path")
+    q.add_argument("--splits", help="comma-separated ImageSets/Segmentation lists to import")
+    import_args(q)
+    q = isub.add_parser("folder", help="a folder of images + labels CSV and/or masks")
+    q.add_argument("path", help="image folder (or the root of the --subset folders)")
+    q.add_argument("--labels", help="CSV with columns image, labels[, split]")
+    q.add_argument("--masks", help="folder of label PNGs named like the images")
+    q.add_argument("--split", default="train", help="split of the images (default train)")
+    q.add_argument("--subset", action="append", type=_subset, metavar="SPLIT=IMAGES[:MASKS]",
+                   help="import several sub-folders of PATH as splits (repeatable)")
+    q.add_argument("--classes", help="class names, comma-separated, or a file, one per line")
+    q.add_argument("--mask-offset", type=int, default=0,
+                   help="add to mask values (1 when masks number classes from 0)")
+    q.add_argument("--ignore-value", type=int, action="append",
+                   help="mask value meaning 'not labelled' (repeatable)")
+    q.add_argument("--no-background", action="store_true",
+                   help="every pixel belongs to a class (no background class)")
+    import_args(q)
+    q = isub.add_parser("coco", help="COCO instances JSON")
+    q.add_argument("path", help="instances_*.json")
+    q.add_argument("--images", required=True, help="folder of the images")
+    q.add_argument("--split", default="train")
+    import_args(q)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # `key.sub=value` overrides may come before or after the options
+    bad = [a for a in extra if "=" not in a or a.startswith("-")]
+    if bad or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    try:
+        return args.fn(args)
+    except WsssError as exc:
+        print(f"ray-wsss: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ray-wsss: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+def job_main(stage: str | None, argv: list[str] | None = None) -> int:
+    """Entry point of the scripts in jobs/: `--config FILE --run-dir DIR [--force]
+    [key.sub=value ...]`, i.e. `ray-wsss run` (stage None) or `ray-wsss stage NAME`."""
+    p = argparse.ArgumentParser(description=f"ray-wsss {'pipeline' if stage is None else stage}"
+                                " as a Ray job")
+    p.add_argument("--config", required=True, help="YAML config file")
+    p.add_argument("--run-dir", help="run directory: local path or URI (s3://, gs://)")
+    p.add_argument("--force", action="store_true")
+    args, overrides = p.parse_known_args(argv)
+    cmd = ["run"] if stage is None else ["stage", stage]
+    cmd += [args.config, *overrides]
+    if args.run_dir:
+        cmd += ["--run-dir", args.run_dir]
+    if args.force:
+        cmd.append("--force")
+    return main(cmd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

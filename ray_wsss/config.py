@@ -1,0 +1,352 @@
+"""Typed configuration: one frozen dataclass per stage, loaded from YAML.
+
+`load_config(path, overrides=["cams.scales=[1.0,0.5]", ...])` reads a YAML file, applies
+`key.sub=value` overrides (values parsed as YAML), and checks every key and type, so a
+misspelled key fails with its dotted name instead of being ignored.
+
+Fields listed in `RESOURCE_FIELDS` say how much hardware a stage gets, not what it
+computes: they are left out of the stage hashes, so a run resumed on a bigger cluster
+does not recompute finished stages.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The bundled synthetic dataset (`ray_wsss.data.demo`)."""
+    num_train: int = 800
+    num_val: int = 160
+    image_size: int = 160
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SubsetConfig:
+    """One folder of images (and optionally masks) imported as one split."""
+    split: str = "train"
+    images: str = ""
+    masks: str | None = None
+    ids: str | None = None  # optional text file of ids to take (VOC ImageSets style)
+    annotations: str | None = None  # COCO instances JSON of this split
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the dataset comes from.
+
+    source: `demo` (generated), `parquet` (an already imported dataset at `path`),
+    `voc`, `folder` or `coco` (imported from `path` by the dataset stage).
+    """
+    source: Literal["demo", "parquet", "voc", "folder", "coco"] = "demo"
+    path: str | None = None
+    demo: DemoConfig = field(default_factory=DemoConfig)
+    # importer options (voc / folder / coco)
+    subsets: tuple[SubsetConfig, ...] = ()
+    labels_csv: str | None = None
+    classes: tuple[str, ...] = ()
+    mask_offset: int = 0          # added to mask values (CamVid's 0-based classes: 1)
+    ignore_values: tuple[int, ...] = ()  # mask values mapped to 255 (before the offset)
+    background: bool = True       # False: every pixel belongs to a class (e.g. CamVid)
+    max_image_side: int | None = None  # larger images (and masks) are resized at import
+    skip_bad: bool = False
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Backbone + classifier head. `pretrained`: a torchvision-format ResNet weight
+    file, or `registry` for EfficientNet-Lite0's packaged ImageNet weights."""
+    backbone: str = "resnet_mini"
+    output_stride: int = 16
+    pretrained: str | None = None
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """Multi-label classifier fitting on Ray Train."""
+    epochs: int = 12
+    batch_size: int = 32           # global batch, split over the workers
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.05
+    head_lr_multiplier: float = 10.0
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 0.5
+    crop_size: int = 128
+    scale_range: tuple[float, float] = (0.7, 1.3)
+    hflip: bool = True
+    color_jitter: float = 0.3
+    train_split: str = "train"
+    val_split: str | None = "val"
+    seed: int = 0
+    # Keep the encoded training images in Ray's object store (spilled to disk when
+    # large) instead of re-reading the Parquet files every epoch.
+    cache_images: bool = True
+    # resources (not part of the stage hash)
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    torch_threads: int | None = None  # CPU threads per worker; null: cpus_per_worker
+    max_failures: int = 2
+
+
+@dataclass(frozen=True)
+class CamConfig:
+    """Class activation maps on Ray Data."""
+    method: str = "cam"
+    scales: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)
+    flip: bool = True
+    splits: tuple[str, ...] = ("train", "val")
+    batch_size: int = 16
+    # resources
+    num_actors: int | None = None  # null: one per GPU, or CPUs - 1 (reads need a CPU)
+    cpus_per_actor: int = 1
+    gpus_per_actor: float = 0.0
+    torch_threads: int | None = None  # null: cpus_per_actor
+
+
+@dataclass(frozen=True)
+class SeedConfig:
+    """Seeds from CAMs: argmax over [background score, class maps]."""
+    background_threshold: float = 0.30
+    # score of background = (1 - max_c M_c) ** background_power when > 0, else the constant
+    background_power: float = 0.0
+
+
+@dataclass(frozen=True)
+class CrfConfig:
+    """Dense CRF (Kraehenbuehl and Koltun 2011) over background + the image's classes."""
+    iterations: int = 10
+    gaussian_sxy: float = 3.0
+    gaussian_compat: float = 3.0
+    bilateral_sxy: float = 50.0
+    bilateral_srgb: float = 10.0
+    bilateral_compat: float = 10.0
+    score_temperature: float = 0.1   # unary = softmax([bg, cams] / temperature)
+    batch_size: int = 8
+    # resources
+    cpus_per_task: float = 1.0
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    splits: tuple[str, ...] = ("val",)
+    thresholds: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 20))
+    batch_size: int = 16
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    num_images: int = 10
+    split: str = "val"
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """How to reach Ray: `address` null starts a local instance (or joins the cluster of
+    a `ray job submit`, which sets RAY_ADDRESS)."""
+    address: str | None = None
+    num_cpus: int | None = None
+    include_dashboard: bool = True
+    progress_bars: bool = True
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    run_dir: str = "runs/demo"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    cams: CamConfig = field(default_factory=CamConfig)
+    seeds: SeedConfig = field(default_factory=SeedConfig)
+    crf: CrfConfig = field(default_factory=CrfConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+RESOURCE_FIELDS = {
+    "classifier": {"num_workers", "use_gpu", "cpus_per_worker", "torch_threads",
+                   "max_failures", "cache_images"},
+    "cams": {"batch_size", "num_actors", "cpus_per_actor", "gpus_per_actor", "torch_threads"},
+    "crf": {"batch_size", "cpus_per_task"},
+    "evaluate": {"batch_size"},
+}
+
+
+# ---------------------------------------------------------------- loading
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else
+                          f"{key}: {value!r} does not fit {_type_name(tp)}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is tuple:
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported config type {_type_name(tp)}")
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys by dotted name."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown config key {where}{unknown[0]} "
+                          f"(known: {', '.join(sorted(names))})")
+    kwargs = {name: _coerce(value, hints[name], f"{prefix}.{name}" if prefix else name)
+              for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(config: Any) -> Any:
+    if dataclasses.is_dataclass(config):
+        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, (tuple, list)):
+        return [to_dict(v) for v in config]
+    return config
+
+
+def apply_override(data: dict, override: str) -> None:
+    """Apply one `a.b.c=value` override (value parsed as YAML) to a nested mapping."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} is not of the form key.sub=value")
+    key, raw = override.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}: cannot parse {raw!r}: {exc}") from None
+    node = data
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(path: str | None = None, overrides: typing.Iterable[str] = (),
+                base: dict | None = None) -> PipelineConfig:
+    data: dict = dict(base or {})
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                loaded = yaml.safe_load(fh)
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        data = _merge(data, loaded)
+    for override in overrides:
+        apply_override(data, override)
+    try:
+        return from_dict(PipelineConfig, data)
+    except ConfigError as exc:
+        if path is not None:
+            raise ConfigError(f"{path}: {exc}") from None
+        raise
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def section_hash(config: PipelineConfig, sections: typing.Iterable[str],
+                 upstream: typing.Iterable[str] = ()) -> str:
+    """Hash of the named config sections (resource fields excluded) and upstream hashes."""
+    payload = {}
+    for name in sections:
+        values = to_dict(getattr(config, name))
+        if isinstance(values, dict):
+            values = {k: v for k, v in values.items() if k not in RESOURCE_FIELDS.get(name, ())}
+        payload[name] = values
+    payload["upstream"] = list(upstream)
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def replace(config: Any, **changes: Any) -> Any:
+    """`dataclasses.replace` that also accepts dotted keys: replace(cfg, **{"cams.flip": False})."""
+    nested: dict[str, dict] = {}
+    flat = {}
+    for key, value in changes.items():
+        head, _, rest = key.partition(".")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            flat[key] = value
+    for head, sub in nested.items():
+        flat[head] = replace(getattr(config, head), **sub)
+    return dataclasses.replace(config, **flat)

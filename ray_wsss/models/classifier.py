@@ -1,0 +1,113 @@
+"""Multi-label classifier for CAMs: backbone at output stride 16, GAP, 1x1 conv head
+without bias (Zhou et al. 2016, as IRN and Puzzle-CAM build it).
+
+Images enter as float RGB in 0..255 (B, 3, H, W); each backbone's own normalisation is
+part of the model, so no caller has to know it. A model is saved as `model.pt` (a plain
+state dict, loadable with `weights_only=True`) beside `model.json` (how to rebuild it).
+"""
+from __future__ import annotations
+
+import io
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import storage
+from ..config import ModelConfig
+from ..errors import ConfigError
+from .resnet import RESNET_NAMES, build_resnet, load_torchvision_weights
+
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+BACKBONES = RESNET_NAMES + ("efficientnet-lite0",)
+
+
+def build_backbone(cfg: ModelConfig, in_channels: int = 3, pretrained: bool = True
+                   ) -> tuple[nn.Module, tuple[float, ...], tuple[float, ...]]:
+    """Backbone and its input normalisation (mean, std on the 0..255 scale)."""
+    if cfg.backbone in RESNET_NAMES:
+        net = build_resnet(cfg.backbone, cfg.output_stride, in_channels)
+        if pretrained and cfg.pretrained:
+            if not os.path.isfile(cfg.pretrained):
+                raise ConfigError(f"model.pretrained: no weight file at {cfg.pretrained} "
+                                  "(download torchvision's ImageNet weights there first)")
+            load_torchvision_weights(net, cfg.pretrained)
+        return net, IMAGENET_MEAN, IMAGENET_STD
+    if cfg.backbone == "efficientnet-lite0":
+        from .efficientnet import MEAN, STD, EfficientNetLite
+        if cfg.pretrained not in (None, "registry"):
+            raise ConfigError("model.pretrained for efficientnet-lite0 must be 'registry' "
+                              "(the packaged ImageNet weights) or null")
+        net = EfficientNetLite("efficientnet-lite0", cfg.output_stride,
+                               pretrained=pretrained and cfg.pretrained == "registry",
+                               in_channels=in_channels)
+        return net, MEAN, STD
+    raise ConfigError(f"model.backbone: unknown {cfg.backbone!r} "
+                      f"(choose one of {', '.join(BACKBONES)})")
+
+
+class Classifier(nn.Module):
+    """`forward(images) -> logits (B, K)`; `features(images) -> (B, C, h, w)`;
+    `class_maps(features) -> (B, K, h, w)` (W A, before any ReLU)."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, mean, std, in_channels: int = 3):
+        super().__init__()
+        self.backbone = backbone
+        self.num_classes = num_classes
+        self.classifier = nn.Conv2d(backbone.out_channels, num_classes, 1, bias=False)
+        nn.init.kaiming_normal_(self.classifier.weight)
+        extra = in_channels - len(mean)
+        self.register_buffer("mean", torch.tensor(list(mean) + [0.0] * extra).view(1, -1, 1, 1),
+                             persistent=False)
+        self.register_buffer("std", torch.tensor(list(std) + [1.0] * extra).view(1, -1, 1, 1),
+                             persistent=False)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone((images - self.mean) / self.std)
+
+    def head_weight(self) -> torch.Tensor:
+        """The classifier weights W: (K, C)."""
+        return self.classifier.weight.flatten(1)
+
+    def logits_from_features(self, feats: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(feats, 1).flatten(1) @ self.head_weight().t()
+
+    def class_maps(self, feats: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bchw,kc->bkhw", feats, self.head_weight())
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.logits_from_features(self.features(images))
+
+
+def build_classifier(cfg: ModelConfig, num_classes: int, in_channels: int = 3,
+                     pretrained: bool = True) -> Classifier:
+    backbone, mean, std = build_backbone(cfg, in_channels, pretrained)
+    return Classifier(backbone, num_classes, mean, std, in_channels)
+
+
+def save_classifier(model: Classifier, cfg: ModelConfig, directory: str,
+                    classes: list[str] | tuple[str, ...], extra: dict | None = None) -> None:
+    """Write model.pt + model.json into `directory` (a local path or a URI)."""
+    model = getattr(model, "module", model)
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    spec = {"backbone": cfg.backbone, "output_stride": cfg.output_stride,
+            "num_classes": model.num_classes, "classes": list(classes),
+            "in_channels": int(model.mean.shape[1])}
+    spec.update(extra or {})
+    storage.write_bytes_atomic(storage.join(directory, "model.pt"), buf.getvalue())
+    storage.write_json_atomic(storage.join(directory, "model.json"), spec)
+
+
+def load_classifier(directory: str, map_location: str | torch.device = "cpu") -> Classifier:
+    spec = storage.read_json(storage.join(directory, "model.json"))
+    cfg = ModelConfig(backbone=spec["backbone"], output_stride=spec["output_stride"],
+                      pretrained=None)
+    model = build_classifier(cfg, spec["num_classes"], spec.get("in_channels", 3),
+                             pretrained=False)
+    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(directory, "model.pt"))),
+                       map_location=map_location, weights_only=True)
+    model.load_state_dict(state)
+    return model

@@ -1,0 +1,305 @@
+"""Stage `report`: one self-contained HTML page (`report/index.html`) of a run.
+
+Summary cards, the mIoU-vs-threshold curve of the CAM seeds, the classifier's training
+curve, the per-class IoU table (seeds vs CRF), and a gallery of sample images: image,
+the CAM of each of its classes as a heat map, seed, CRF pseudo mask and ground truth.
+Pictures are embedded as PNG data URIs, so the file can be mailed or opened offline.
+"""
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+from . import storage
+from .data.codecs import PALETTE, decode_array, decode_image, decode_mask
+from .data.dataset import DatasetInfo, read_table, vector_to_labels
+
+THUMB = 220  # longest side of gallery pictures, pixels
+
+
+# ---------------------------------------------------------------- pictures
+
+def _png_uri(rgb: np.ndarray) -> str:
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    return "data:image/png;base64," + base64.b64encode(buf.tobytes()).decode()
+
+
+def _thumb(img: np.ndarray, nearest: bool = False) -> np.ndarray:
+    h, w = img.shape[:2]
+    s = THUMB / max(h, w)
+    if s >= 1:
+        return img
+    return cv2.resize(img, (max(1, round(w * s)), max(1, round(h * s))),
+                      interpolation=cv2.INTER_NEAREST if nearest else cv2.INTER_AREA)
+
+
+def heatmap_overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.55) -> np.ndarray:
+    """image (H, W, 3) uint8, cam (H, W) in [0, 1] -> RGB picture of the map over the image."""
+    heat = cv2.applyColorMap(np.clip(cam * 255, 0, 255).astype(np.uint8), cv2.COLORMAP_JET)
+    heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB).astype(np.float32)
+    weight = alpha * (0.35 + 0.65 * cam[..., None])
+    return (image * (1 - weight) + heat * weight).astype(np.uint8)
+
+
+def mask_overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.6) -> np.ndarray:
+    """Label map in VOC colours over a dimmed image; background stays the image, ignore
+    (255) is drawn white."""
+    colors = PALETTE[mask].astype(np.float32)
+    a = np.where(mask[..., None] == 0, 0.0, alpha)
+    base = image.astype(np.float32) * 0.85
+    out = base * (1 - a) + colors * a
+    edges = cv2.morphologyEx((mask.astype(np.int16)), cv2.MORPH_GRADIENT, np.ones((3, 3))) > 0
+    out[edges] = colors[edges] * 0.6 + 255 * 0.4
+    return out.clip(0, 255).astype(np.uint8)
+
+
+# ---------------------------------------------------------------- charts (inline SVG)
+
+def line_chart(series: dict[str, tuple[Sequence[float], Sequence[float]]], x_label: str,
+               y_label: str, markers: Sequence[tuple[float, float, str]] = (),
+               width: int = 460, height: int = 250, y_range: tuple[float, float] | None = None
+               ) -> str:
+    """Small SVG line chart; series: name -> (xs, ys); markers: (x, y, label)."""
+    colors = ["#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed"]
+    xs = [x for s in series.values() for x in s[0]]
+    ys = [y for s in series.values() for y in s[1] if y is not None and np.isfinite(y)]
+    if not xs or not ys:
+        return "<p class='muted'>no data</p>"
+    x0, x1 = min(xs), max(xs)
+    y0, y1 = y_range or (min(ys), max(ys))
+    if x1 == x0:
+        x1 = x0 + 1
+    if y1 == y0:
+        y1 = y0 + 1
+    L, R, T, B = 48, 12, 14, 36
+    def px(x): return L + (x - x0) / (x1 - x0) * (width - L - R)
+    def py(y): return height - B - (y - y0) / (y1 - y0) * (height - T - B)
+    parts = [f"<svg viewBox='0 0 {width} {height}' class='chart' role='img'>"]
+    for i in range(5):
+        yv = y0 + (y1 - y0) * i / 4
+        parts.append(f"<line x1='{L}' x2='{width - R}' y1='{py(yv):.1f}' y2='{py(yv):.1f}' "
+                     "class='grid'/>")
+        parts.append(f"<text x='{L - 6}' y='{py(yv) + 4:.1f}' class='tick' "
+                     f"text-anchor='end'>{yv:.3g}</text>")
+    for i in range(5):
+        xv = x0 + (x1 - x0) * i / 4
+        parts.append(f"<text x='{px(xv):.1f}' y='{height - B + 16}' class='tick' "
+                     f"text-anchor='middle'>{xv:.3g}</text>")
+    parts.append(f"<text x='{(L + width - R) / 2}' y='{height - 4}' class='axis' "
+                 f"text-anchor='middle'>{html.escape(x_label)}</text>")
+    parts.append(f"<text x='12' y='{(T + height - B) / 2}' class='axis' text-anchor='middle' "
+                 f"transform='rotate(-90 12 {(T + height - B) / 2})'>"
+                 f"{html.escape(y_label)}</text>")
+    for i, (name, (sx, sy)) in enumerate(series.items()):
+        c = colors[i % len(colors)]
+        pts = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(sx, sy)
+                       if y is not None and np.isfinite(y))
+        parts.append(f"<polyline points='{pts}' fill='none' stroke='{c}' stroke-width='2.2'/>")
+        for x, y in zip(sx, sy):
+            if y is not None and np.isfinite(y):
+                parts.append(f"<circle cx='{px(x):.1f}' cy='{py(y):.1f}' r='2.6' fill='{c}'/>")
+        parts.append(f"<text x='{width - R - 4}' y='{T + 14 + 16 * i}' text-anchor='end' "
+                     f"class='legend' fill='{c}'>{html.escape(name)}</text>")
+    for x, y, label in markers:
+        parts.append(f"<circle cx='{px(x):.1f}' cy='{py(y):.1f}' r='6' class='marker'/>")
+        parts.append(f"<text x='{px(x) + 8:.1f}' y='{py(y) - 8:.1f}' class='mlabel'>"
+                     f"{html.escape(label)}</text>")
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+# ---------------------------------------------------------------- page
+
+CSS = """
+:root{--ink:#0f172a;--muted:#64748b;--line:#e2e8f0;--card:#fff;--bg:#f1f5f9;--acc:#2563eb}
+*{box-sizing:border-box}body{margin:0;font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,
+sans-serif;color:var(--ink);background:var(--bg)}header{background:#0f172a;color:#fff;
+padding:22px 32px}header h1{margin:0;font-size:22px;font-weight:650}header .sub{color:#94a3b8;
+margin-top:4px;font-size:13px}main{padding:24px 32px;max-width:1400px;margin:auto}
+section{background:var(--card);border:1px solid var(--line);border-radius:12px;padding:18px 20px;
+margin-bottom:20px}h2{font-size:16px;margin:0 0 12px}.cards{display:grid;
+grid-template-columns:repeat(auto-fit,minmax(180px,1fr));gap:14px;margin-bottom:20px}
+.card{background:var(--card);border:1px solid var(--line);border-radius:12px;padding:14px 16px}
+.card .v{font-size:28px;font-weight:700}.card .k{color:var(--muted);font-size:12px;
+text-transform:uppercase;letter-spacing:.04em}.card .d{color:var(--muted);font-size:12px}
+.row2{display:grid;grid-template-columns:repeat(auto-fit,minmax(420px,1fr));gap:20px}
+table{border-collapse:collapse;width:100%}th,td{padding:6px 10px;border-bottom:1px solid
+var(--line);text-align:right;white-space:nowrap}th{font-size:12px;color:var(--muted);
+font-weight:600;text-transform:uppercase}td:first-child,th:first-child{text-align:left}
+.sw{display:inline-block;width:12px;height:12px;border-radius:3px;margin-right:8px;
+vertical-align:-1px;border:1px solid #0002}.bar{display:inline-block;height:8px;
+border-radius:4px;background:var(--acc);vertical-align:middle}.bar.seed{background:#94a3b8}
+.pos{color:#059669}.neg{color:#dc2626}.muted{color:var(--muted)}
+.chart{width:100%;height:auto}.chart .grid{stroke:#e2e8f0}.chart .tick{font-size:10px;
+fill:#64748b}.chart .axis{font-size:11px;fill:#334155}.chart .legend{font-size:11px;
+font-weight:600}.chart .marker{fill:none;stroke:#0f172a;stroke-width:1.5}.chart .mlabel{
+font-size:10px;fill:#0f172a}.gallery{display:flex;flex-direction:column;gap:18px}
+.item{border-top:1px solid var(--line);padding-top:14px}.item h3{font-size:13px;margin:0 0 8px;
+font-weight:600}.item h3 .iou{color:var(--muted);font-weight:400;margin-left:10px}
+.strip{display:flex;gap:10px;overflow-x:auto}figure{margin:0;text-align:center}
+figure img{display:block;border-radius:8px;border:1px solid var(--line);image-rendering:auto}
+figcaption{font-size:11px;color:var(--muted);margin-top:4px}.legendrow{display:flex;
+flex-wrap:wrap;gap:12px;font-size:12px;margin-bottom:10px}
+"""
+
+
+def _pct(x) -> str:
+    return "–" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{100 * x:.1f}"
+
+
+def _class_table(ev: dict, info: DatasetInfo) -> str:
+    seeds = ev["cams"]["best"]["per_class"]
+    crf = ev["crf"]["per_class"]
+    rows = []
+    for i, name in enumerate(info.label_names):
+        if name not in crf:
+            continue
+        s, c = seeds.get(name, {}).get("iou"), crf[name]["iou"]
+        color = "#%02x%02x%02x" % tuple(PALETTE[i])
+        delta = "" if s is None or c is None else (
+            f"<span class='{'pos' if c >= s else 'neg'}'>{100 * (c - s):+.1f}</span>")
+        bar = "" if c is None else f"<span class='bar' style='width:{120 * c:.0f}px'></span>"
+        sbar = "" if s is None else f"<span class='bar seed' style='width:{120 * s:.0f}px'></span>"
+        rows.append(f"<tr><td><span class='sw' style='background:{color}'></span>"
+                    f"{html.escape(name)}</td><td>{_pct(s)}</td><td style='text-align:left'>"
+                    f"{sbar}</td><td>{_pct(c)}</td><td style='text-align:left'>{bar}</td>"
+                    f"<td>{delta}</td><td>{_pct(crf[name]['f1'])}</td>"
+                    f"<td>{crf[name]['gt_pixels']:,}</td></tr>")
+    rows.append(f"<tr><th>mean</th><th>{_pct(ev['cams']['best']['miou'])}</th><th></th>"
+                f"<th>{_pct(ev['crf']['miou'])}</th><th></th><th></th>"
+                f"<th>{_pct(ev['crf']['mean_f1'])}</th><th></th></tr>")
+    return ("<table><tr><th>class</th><th>seed IoU</th><th></th><th>CRF IoU</th><th></th>"
+            "<th>Δ</th><th>CRF F1</th><th>GT pixels</th></tr>" + "".join(rows) + "</table>")
+
+
+def _image_iou(gt: np.ndarray, pred: np.ndarray, classes: Sequence[int]) -> float:
+    valid = gt != 255
+    ious = []
+    for c in classes:
+        g, p = (gt == c) & valid, (pred == c) & valid
+        union = (g | p).sum()
+        if union:
+            ious.append((g & p).sum() / union)
+    return float(np.mean(ious)) if ious else float("nan")
+
+
+def _gallery_item(row: dict, info: DatasetInfo) -> str:
+    image = decode_image(row["image"], row["image_id"])
+    cams = decode_array(row["cam"]).astype(np.float32)
+    classes = vector_to_labels(row["label_vector"])
+    seed = decode_mask(row["seed"])
+    pseudo = decode_mask(row["pseudo_mask"])
+    gt = decode_mask(row["mask"]) if row.get("mask") is not None else None
+    figs = [("image", _thumb(image), False)]
+    for cam, c in zip(cams, classes):
+        figs.append((f"CAM: {info.label_names[c]}", _thumb(heatmap_overlay(image, cam)), False))
+    figs.append(("seed", _thumb(mask_overlay(image, seed), True), True))
+    figs.append(("CRF pseudo mask", _thumb(mask_overlay(image, pseudo), True), True))
+    if gt is not None:
+        figs.append(("ground truth", _thumb(mask_overlay(image, gt), True), True))
+    iou = ""
+    if gt is not None:
+        keys = list(classes) + ([0] if info.background else [])
+        iou = (f"<span class='iou'>image mIoU: seed {_pct(_image_iou(gt, seed, keys))} · "
+               f"CRF {_pct(_image_iou(gt, pseudo, keys))}</span>")
+    names = ", ".join(info.label_names[c] for c in classes)
+    strip = "".join(f"<figure><img src='{_png_uri(p)}' alt='{html.escape(t)}'>"
+                    f"<figcaption>{html.escape(t)}</figcaption></figure>" for t, p, _ in figs)
+    return (f"<div class='item'><h3>{html.escape(str(row['image_id']))} — "
+            f"{html.escape(names)}{iou}</h3><div class='strip'>{strip}</div></div>")
+
+
+def sample_rows(run, split: str, n: int) -> list[dict]:
+    """n rows (evenly spaced over the sorted ids of `split`, ground truth preferred) with
+    image, CAM, seed, pseudo mask and mask. Only the id and split columns are read in
+    full; the pictures are read for the chosen ids alone."""
+    crf_path, cam_path = run.path("crf"), run.path("cams")
+    index = read_table(crf_path, ["image_id", "mask"], [split])
+    ids = index.column("image_id").to_pylist()
+    has_gt = index.column("mask").is_valid().to_pylist()
+    pool = sorted(i for i, g in zip(ids, has_gt) if g) or sorted(ids)
+    if not pool:
+        return []
+    chosen = pool[:: max(1, len(pool) // n)][:n]
+    masks = {r["image_id"]: r for r in read_table(
+        crf_path, ["image_id", "seed", "pseudo_mask"], ids=chosen).to_pylist()}
+    rows = []
+    for r in read_table(cam_path, ["image_id", "image", "cam", "label_vector", "mask"],
+                        ids=chosen).to_pylist():
+        r.update(masks[r["image_id"]])
+        rows.append(r)
+    return sorted(rows, key=lambda r: r["image_id"])
+
+
+def render_page(run, info: DatasetInfo, metrics: dict, rows: list[dict]) -> str:
+    cfg = run.config
+    ev = metrics.get("evaluate", {})
+    cls = metrics.get("classifier", {})
+    cards = []
+    if ev:
+        t = ev["cams"]["best_threshold"]
+        cards += [
+            ("CAM seeds mIoU", _pct(ev["cams"]["best"]["miou"]),
+             f"best threshold {t}" if t is not None else "argmax over classes"),
+            ("CRF pseudo masks mIoU", _pct(ev["crf"]["miou"]),
+             f"pixel accuracy {_pct(ev['crf']['pixel_accuracy'])}"),
+            ("CRF mean F1", _pct(ev["crf"]["mean_f1"]), f"seeds {_pct(ev['seeds']['mean_f1'])}"),
+            ("images evaluated", str(ev["images"]), f"split {', '.join(ev['splits'])}"),
+        ]
+    if cls.get("val_map") is not None:
+        cards.append(("classifier val mAP", f"{cls['val_map']:.1f}",
+                      f"{cls.get('epoch')} epochs · {cfg.model.backbone}"))
+    cards_html = "".join(f"<div class='card'><div class='k'>{k}</div><div class='v'>{v}</div>"
+                         f"<div class='d'>{html.escape(d)}</div></div>" for k, v, d in cards)
+    charts = ""
+    if ev and ev["cams"]["thresholds"]:
+        th, curve = ev["cams"]["thresholds"], [100 * v for v in ev["cams"]["miou_curve"]]
+        best = ev["cams"]["best_threshold"]
+        charts += ("<section><h2>CAM seeds: mIoU against the background threshold</h2>"
+                   + line_chart({"seed mIoU": (th, curve)}, "background threshold", "mIoU (%)",
+                                [(best, max(curve), f"best {best}")])
+                   + "</section>")
+    hist = cls.get("history") or []
+    if hist:
+        ep = [h["epoch"] for h in hist]
+        series = {"train loss ×100": (ep, [100 * h["loss"] for h in hist])}
+        if any("val_map" in h for h in hist):
+            series["val mAP"] = (ep, [h.get("val_map") for h in hist])
+        charts += ("<section><h2>Classifier training</h2>"
+                   + line_chart(series, "epoch", "value") + "</section>")
+    legend = "".join(f"<span><span class='sw' style='background:#%02x%02x%02x'></span>%s</span>"
+                     % (*PALETTE[i], html.escape(n)) for i, n in enumerate(info.label_names)
+                     if i > 0 or info.background)
+    gallery = "".join(_gallery_item(r, info) for r in rows)
+    when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    sub = (f"{html.escape(run.root)} · {len(info.classes)} classes · backbone "
+           f"{html.escape(cfg.model.backbone)} · CAM method {html.escape(cfg.cams.method)}, "
+           f"scales {', '.join(map(str, cfg.cams.scales))}{' + flip' if cfg.cams.flip else ''}"
+           f" · CRF {cfg.crf.iterations} iterations · {when}")
+    table = (f"<section><h2>Per-class IoU on {html.escape(', '.join(ev['splits']))}: CAM seeds "
+             f"(best threshold) vs CRF pseudo masks</h2>{_class_table(ev, info)}</section>"
+             if ev else "")
+    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+            f"<meta name='viewport' content='width=device-width,initial-scale=1'>"
+            f"<title>ray-wsss report</title><style>{CSS}</style></head><body>"
+            f"<header><h1>ray-wsss: weakly supervised segmentation report</h1>"
+            f"<div class='sub'>{sub}</div></header><main>"
+            f"<div class='cards'>{cards_html}</div>"
+            f"<div class='row2'>{charts}</div>{table}"
+            f"<section><h2>Samples</h2><div class='legendrow'>{legend}</div>"
+            f"<div class='gallery'>{gallery or '<p class=muted>no images</p>'}</div></section>"
+            f"</main></body></html>")
+
+
+def run(config, run) -> dict:
+    info = run.dataset_info()
+    rows = sample_rows(run, config.report.split, config.report.num_images)
+    page = render_page(run, info, run.read_metrics(), rows)
+    with run.output("report") as out:
+        storage.write_bytes_atomic(storage.join(out, "index.html"), page.encode("utf-8"))
+    return {"path": run.path("report", "index.html"), "images": len(rows)}

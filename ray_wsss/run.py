@@ -1,0 +1,145 @@
+"""A run directory: where every stage reads its inputs and writes its outputs.
+
+```
+<run>/manifest.json   config, versions, and per stage: status, config hash, run id,
+                      the run ids of the inputs it was computed from
+<run>/dataset/  classifier/  cams/  crf/  metrics.json  report/
+```
+
+A stage is up to date when the manifest records it done with the current config hash
+*and* with the run ids its upstream stages have now; so re-running an upstream stage
+(`--force`) makes everything downstream stale without any bookkeeping of its own.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import platform
+import uuid
+from typing import Iterator
+
+from . import storage
+from .config import PipelineConfig, section_hash, to_dict
+from .data.dataset import DatasetInfo, read_info
+from .errors import StageError
+
+
+# name: (config sections that decide its result, upstream stages, outputs in the run dir)
+STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
+    "dataset": (("data",), (), ("dataset",)),
+    "classifier": (("model", "classifier"), ("dataset",), ("classifier",)),
+    "cams": (("cams",), ("classifier",), ("cams",)),
+    "crf": (("seeds", "crf"), ("cams",), ("crf",)),
+    "evaluate": (("seeds", "evaluate"), ("cams", "crf"), ()),
+    "report": (("report",), ("evaluate",), ("report",)),
+}
+
+
+def versions() -> dict:
+    import numpy
+    import pyarrow
+    import ray
+    import torch
+
+    from . import __version__
+    return {"ray_wsss": __version__, "ray": ray.__version__, "torch": torch.__version__,
+            "pyarrow": pyarrow.__version__, "numpy": numpy.__version__,
+            "python": platform.python_version()}
+
+
+class Run:
+    def __init__(self, config: PipelineConfig, run_dir: str | None = None):
+        self.config = config
+        self.root = storage.resolve(run_dir or config.run_dir)
+        self.manifest_path = storage.join(self.root, "manifest.json")
+
+    # ------------------------------------------------------------ paths
+    def path(self, *parts: str) -> str:
+        return storage.join(self.root, *parts)
+
+    @property
+    def dataset_path(self) -> str:
+        if self.config.data.source == "parquet":
+            if not self.config.data.path:
+                raise StageError("data.path must name the dataset folder when "
+                                 "data.source is parquet")
+            return storage.resolve(self.config.data.path)
+        return self.path("dataset")
+
+    def dataset_info(self) -> DatasetInfo:
+        return read_info(self.dataset_path)
+
+    def current_hash(self, name: str) -> str:
+        """Hash of what decides stage `name`'s result: its config sections and, through
+        the upstream hashes, everything before it."""
+        sections, upstream, _ = STAGES[name]
+        return section_hash(self.config, sections, [self.current_hash(u) for u in upstream])
+
+    # ------------------------------------------------------------ manifest
+    def manifest(self) -> dict:
+        if not storage.exists(self.manifest_path):
+            return {"stages": {}}
+        return storage.read_json(self.manifest_path)
+
+    def stage_entry(self, name: str) -> dict | None:
+        return self.manifest().get("stages", {}).get(name)
+
+    def is_current(self, name: str) -> bool:
+        """The manifest entry (done or interrupted) has the current config hash and was
+        made from the current upstream outputs, so its partial outputs can be resumed."""
+        stages = self.manifest().get("stages", {})
+        entry = stages.get(name)
+        if not entry or entry.get("hash") != self.current_hash(name):
+            return False
+        return all(stages.get(u, {}).get("run_id") == entry.get("inputs", {}).get(u)
+                   for u in STAGES[name][1])
+
+    def is_done(self, name: str) -> bool:
+        entry = self.stage_entry(name)
+        return bool(entry) and entry.get("status") == "done" and self.is_current(name)
+
+    def mark(self, name: str, status: str, **extra) -> dict:
+        manifest = self.manifest()
+        stages = manifest.setdefault("stages", {})
+        entry = {"status": status, "hash": self.current_hash(name),
+                 "run_id": uuid.uuid4().hex[:12] if status == "done" else None,
+                 "inputs": {u: stages.get(u, {}).get("run_id") for u in STAGES[name][1]},
+                 "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        entry.update(extra)
+        stages[name] = entry
+        manifest["config"] = to_dict(self.config)
+        manifest["versions"] = versions()
+        storage.write_json_atomic(self.manifest_path, manifest)
+        return entry
+
+    # ------------------------------------------------------------ outputs
+    @contextlib.contextmanager
+    def output(self, name: str) -> Iterator[str]:
+        """Directory for a stage to write `name` into; published when the block ends.
+
+        Locally it is a temporary sibling renamed into place. On object stores (no
+        atomic rename of folders) the final folder is cleared and written directly; the
+        manifest, updated only after this block, is what marks it complete.
+        """
+        final = self.path(name)
+        storage.clean_temps(self.root, name)
+        if storage.is_uri(final):
+            storage.remove(final)
+            yield final
+            return
+        tmp = storage.temp_sibling(final)
+        try:
+            yield tmp
+        except BaseException:
+            storage.remove(tmp)
+            raise
+        storage.publish(tmp, final)
+
+    def read_metrics(self) -> dict:
+        p = self.path("metrics.json")
+        return storage.read_json(p) if storage.exists(p) else {}
+
+    def write_metrics(self, section: str, values: dict) -> None:
+        metrics = self.read_metrics()
+        metrics[section] = values
+        storage.write_json_atomic(self.path("metrics.json"), metrics)

@@ -1,0 +1,40 @@
+"""Connecting to Ray: a local instance on a laptop, the cluster under `ray job submit`."""
+from __future__ import annotations
+
+import os
+
+from .config import RayConfig
+
+
+def init_ray(cfg: RayConfig) -> None:
+    """Start or join Ray once per process.
+
+    `ray job submit` sets RAY_ADDRESS, so a job joins its cluster; otherwise `address`
+    from the config, otherwise a new local instance (token authentication stays as Ray
+    sets it up: on by default since 2.59).
+    """
+    import ray
+
+    if not ray.is_initialized():
+        address = cfg.address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            ray.init(num_cpus=cfg.num_cpus, include_dashboard=cfg.include_dashboard)
+    configure_data(cfg)
+
+
+def configure_data(cfg: RayConfig) -> None:
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = cfg.progress_bars
+    ctx.enable_operator_progress_bars = cfg.progress_bars
+    # Stage outputs are read back in whatever order; keep Ray Data's default streaming.
+    ctx.execution_options.preserve_order = False
+
+
+def cluster_cpus() -> int:
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))

@@ -1,0 +1,243 @@
+"""Stage `classifier`: fit the multi-label CAM classifier with Ray Train (DDP).
+
+Ray Data decodes and augments the train split on CPU workers (random scale, crop, flip,
+colour jitter; `data/transforms.py`) and streams shards to the training workers. Each
+epoch ends with `ray.train.report` carrying the metrics (loss, val mAP) and a checkpoint
+(model, optimizer, epoch); a worker that dies is restarted by `FailureConfig` and the
+loop resumes from the latest checkpoint, and so does a rerun after the driver died,
+because the Ray Train run name is derived from the stage's config hash.
+
+The finished model is exported as `classifier/model.pt` + `model.json`.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+
+import numpy as np
+
+from .. import storage
+from ..config import ClassifierConfig, ModelConfig, to_dict
+from ..data.dataset import dataset_counts, open_dataset
+from ..data.transforms import EvalTransform, TrainTransform
+from ..errors import StageError
+from ..run import Run
+
+
+def lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    """Linear warm-up, then polynomial decay (power 0.9) to zero at `total`."""
+    if warmup > 0 and step < warmup:
+        return base * (step + 1) / warmup
+    return base * (1 - min(step, total) / max(total, 1)) ** 0.9
+
+
+def _param_groups(model, cfg: ClassifierConfig) -> list[dict]:
+    head = list(model.classifier.parameters())
+    head_ids = {id(p) for p in head}
+    backbone = [p for p in model.parameters() if id(p) not in head_ids]
+    return [{"params": backbone, "lr_scale": 1.0},
+            {"params": head, "lr_scale": cfg.head_lr_multiplier}]
+
+
+def train_loop(loop_config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.nn.functional as F
+
+    from ..evaluate import average_precision
+    from ..models.classifier import build_classifier
+
+    cfg = ClassifierConfig(**loop_config["classifier"])
+    model_cfg = ModelConfig(**loop_config["model"])
+    torch.set_num_threads(max(1, loop_config["threads"]))
+    torch.manual_seed(cfg.seed)
+    ctx = ray.train.get_context()
+    world, rank = ctx.get_world_size(), ctx.get_world_rank()
+
+    model = build_classifier(model_cfg, loop_config["num_classes"])
+    groups = _param_groups(model, cfg)
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
+                              weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start_epoch, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = torch.load(os.path.join(d, "state.pt"), map_location="cpu",
+                               weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start_epoch, history = state["epoch"] + 1, state["history"]
+        print(f"[classifier] resuming from the checkpoint of epoch {state['epoch'] + 1}")
+    model = ray.train.torch.prepare_model(model)
+    plain = getattr(model, "module", model)
+    device = ray.train.torch.get_device()
+
+    per_worker = max(1, cfg.batch_size // world)
+    steps_per_epoch = max(1, loop_config["num_train"] // (per_worker * world))
+    total = steps_per_epoch * cfg.epochs
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    train_shard = ray.train.get_dataset_shard("train")
+    val_batches = _ValBatches(ray.train.get_dataset_shard("val") if loop_config["has_val"]
+                              else None, per_worker, device)
+
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        t0, losses, step, waited = time.time(), [], epoch * steps_per_epoch, 0.0
+        batches = iter(train_shard.iter_torch_batches(
+            batch_size=per_worker, drop_last=True, local_shuffle_buffer_size=4 * per_worker,
+            dtypes={"image": torch.uint8, "label_vector": torch.float32}, device=device))
+        while True:
+            t_wait = time.time()
+            batch = next(batches, None)
+            waited += time.time() - t_wait
+            if batch is None:
+                break
+            lr = lr_at(step, total, cfg.lr, warmup)
+            for g in opt.param_groups:
+                g["lr"] = lr * g["lr_scale"]
+            images = batch["image"].permute(0, 3, 1, 2).float()
+            loss = F.binary_cross_entropy_with_logits(model(images), batch["label_vector"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            step += 1
+        metrics = {"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else math.nan,
+                   "lr": lr_at(step, total, cfg.lr, warmup), "steps": len(losses),
+                   "epoch_seconds": round(time.time() - t0, 2),
+                   "data_wait_seconds": round(waited, 2)}
+        if rank == 0 and loop_config["has_val"]:
+            metrics.update(_validate(plain, val_batches, average_precision))
+        history.append(metrics)
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as d:
+                torch.save({"model": plain.state_dict(), "optimizer": opt.state_dict(),
+                            "epoch": epoch, "history": history}, os.path.join(d, "state.pt"))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics)
+
+
+class _ValBatches:
+    """The validation batches: streamed from Ray Data, and kept in memory after the first
+    pass when small (decoded val sets of up to `cache_bytes`), so later epochs skip the
+    decode."""
+
+    def __init__(self, shard, batch_size: int, device, cache_bytes: int = 512 * 2**20):
+        self.shard, self.batch_size, self.device = shard, batch_size, device
+        self.cache_bytes = cache_bytes
+        self.cache: list | None = None
+
+    def __iter__(self):
+        import torch
+
+        if self.cache is not None:
+            yield from self.cache
+            return
+        kept, size = [], 0
+        for batch in self.shard.iter_torch_batches(
+                batch_size=self.batch_size, device=self.device,
+                dtypes={"image": torch.uint8, "label_vector": torch.float32}):
+            if kept is not None:
+                size += batch["image"].numel()
+                kept = kept + [batch] if size <= self.cache_bytes else None
+            yield batch
+        self.cache = kept
+
+
+def _validate(model, batches, average_precision) -> dict:
+    import torch
+
+    model.eval()
+    scores, targets, losses = [], [], []
+    with torch.no_grad():
+        for batch in batches:
+            logits = model(batch["image"].permute(0, 3, 1, 2).float())
+            losses.append(torch.nn.functional.binary_cross_entropy_with_logits(
+                logits, batch["label_vector"]).item())
+            scores.append(torch.sigmoid(logits).cpu().numpy())
+            targets.append(batch["label_vector"].cpu().numpy())
+    if not scores:
+        return {}
+    ap = average_precision(np.concatenate(scores), np.concatenate(targets))
+    return {"val_loss": float(np.mean(losses)), "val_map": float(np.nanmean(ap)) * 100}
+
+
+def run(config, run: Run) -> dict:
+    """Fit the classifier and export it to `<run>/classifier/model.{pt,json}`."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from ..models.classifier import build_classifier, save_classifier
+
+    cfg: ClassifierConfig = config.classifier
+    info = run.dataset_info()
+    counts = dataset_counts(run.dataset_path)
+    num_train = counts.get(cfg.train_split, 0)
+    if num_train < cfg.batch_size:
+        raise StageError(f"classifier: split {cfg.train_split!r} has {num_train} images, fewer "
+                         f"than one batch ({cfg.batch_size})")
+    has_val = bool(cfg.val_split) and counts.get(cfg.val_split, 0) > 0
+
+    train_ds = open_dataset(run.dataset_path, ["image_id", "image", "label_vector"],
+                            [cfg.train_split], rows_per_block=64)
+    if cfg.cache_images:
+        # Reading and filtering the files again every epoch costs seconds of pipeline
+        # start-up; the encoded images are small, the augmentation still runs per epoch.
+        train_ds = train_ds.materialize()
+    train_ds = train_ds.map_batches(
+        TrainTransform(cfg.crop_size, cfg.scale_range, cfg.hflip, cfg.color_jitter),
+        batch_format="numpy", batch_size=16)
+    datasets = {"train": train_ds}
+    if has_val:
+        datasets["val"] = open_dataset(run.dataset_path, ["image", "label_vector"],
+                                       [cfg.val_split]).map_batches(
+            EvalTransform(cfg.crop_size), batch_format="numpy", batch_size=16)
+    # Fail on a bad backbone name or a missing weight file here, not inside the workers.
+    build_classifier(config.model, info.num_classes)
+
+    stage_dir = run.path("classifier")
+    name = f"fit-{run.current_hash('classifier')}"
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"classifier": to_dict(cfg), "model": to_dict(config.model),
+                           "num_classes": info.num_classes, "num_train": num_train,
+                           "has_val": has_val,
+                           "threads": cfg.torch_threads or cfg.cpus_per_worker},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker,
+                                  **({"GPU": 1} if cfg.use_gpu else {})}),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage.join(stage_dir, "ray_train"),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors in several types
+        raise StageError(f"classifier training failed: {exc}") from exc
+    if result.checkpoint is None:
+        raise StageError("classifier training ended without a checkpoint")
+
+    import torch
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
+    model = build_classifier(config.model, info.num_classes, pretrained=False)
+    model.load_state_dict(state["model"])
+    save_classifier(model, config.model, stage_dir, info.classes,
+                    {"epochs": state["epoch"] + 1})
+    storage.write_json_atomic(storage.join(stage_dir, "history.json"), state["history"])
+    last = state["history"][-1]
+    summary = {k: last[k] for k in ("loss", "val_map", "epoch") if k in last}
+    run.write_metrics("classifier", {**summary, "history": state["history"]})
+    return summary

@@ -1,0 +1,77 @@
+"""Shared fixtures: the real data folders, a local Ray, and one tiny finished run.
+
+The tiny run (a small demo dataset through every stage on a local Ray) is built once per
+session and shared by the end-to-end, resume and report tests.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+SHARED_DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared",
+                                           "data"))
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+
+# A small demo run: enough images and epochs that CAMs are meaningful, small enough
+# for about a minute of CPU.
+TINY_OVERRIDES = [
+    "data.demo.num_train=320", "data.demo.num_val=48", "data.demo.image_size=160",
+    "classifier.epochs=8", "classifier.batch_size=16", "classifier.crop_size=128",
+    "classifier.torch_threads=2",
+    "cams.scales=[1.0,0.5]", "cams.torch_threads=2", "cams.batch_size=16",
+    "cams.num_actors=1",
+    "report.num_images=4", "ray.progress_bars=false",
+]
+
+
+def data_dir(name: str) -> str:
+    path = os.path.join(SHARED_DATA, name)
+    if not os.path.isdir(path):
+        pytest.skip(f"shared data folder {path} is not here")
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the session (4 logical CPUs on 2 cores: tasks are small)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False)
+    import ray.data
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+def tiny_config(run_dir: str, extra=()):
+    from ray_wsss.config import load_config
+
+    return load_config(os.path.join(REPO, "configs", "demo.yaml"),
+                       TINY_OVERRIDES + [f"run_dir={run_dir}", *extra])
+
+
+@pytest.fixture(scope="session")
+def tiny_run(ray_local, tmp_path_factory):
+    """A finished pipeline run on a small demo dataset: returns its Run."""
+    from ray_wsss.pipeline import run_pipeline
+
+    root = str(tmp_path_factory.mktemp("tiny") / "run")
+    return run_pipeline(tiny_config(root))
+
+
+@pytest.fixture
+def copy_run(tiny_run, tmp_path):
+    """A private copy of the tiny run directory, for tests that modify it."""
+    def make(name: str = "copy") -> str:
+        dst = str(tmp_path / name)
+        shutil.copytree(tiny_run.root, dst)
+        return dst
+    return make
