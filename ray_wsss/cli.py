@@ -60,6 +60,29 @@ def cmd_stage(args) -> int:
     return 0
 
 
+def cmd_explain(args) -> int:
+    from .cams.explain import format_table, run_explain
+    from .pipeline import run_stage
+    from .run import Run
+    from .runtime import init_ray
+
+    config = _config(args)
+    run = Run(config)
+    init_ray(config.ray)
+    methods = args.methods.split(",") if args.methods else list(config.explain.methods)
+    result = run_explain(config, run, [m.strip() for m in methods if m.strip()])
+    print(f"\nExplaining methods on {result['images']} images "
+          f"(XAI metrics in %, over detected classes; seed mIoU at the best threshold):")
+    print(format_table(result["rows"]))
+    print(f"table: {run.path('explain', 'comparison.csv')}")
+    if run.is_done("evaluate"):
+        run_stage("report", config, run, force=True)
+        print(f"report: {run.path('report', 'index.html')}")
+    else:
+        print("the report gains an explain section once the pipeline has run (ray-wsss run)")
+    return 0
+
+
 def cmd_metrics(args) -> int:
     print_summary(storage.resolve(args.run_dir))
     return 0
@@ -159,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("name", help="dataset, classifier, cams, crf, evaluate or report")
     run_args(q)
     q.set_defaults(fn=cmd_stage)
+    q = sub.add_parser("explain", help="compare explaining methods: XAI metrics, seed mIoU")
+    run_args(q)
+    q.add_argument("--methods", help="comma-separated, e.g. cam,gradcam,minmax "
+                                     "(default: explain.methods)")
+    q.set_defaults(fn=cmd_explain)
     q = sub.add_parser("metrics", help="print a run's evaluation table")
     q.add_argument("run_dir")
     q.set_defaults(fn=cmd_metrics)

@@ -73,6 +73,14 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class HeadConfig:
+    """The classifier head. `kur`: Kernel Usage Regularization (David, Pedrini and Dias
+    2022), a reparametrisation W * softmax over classes of W, used in training and in
+    every CAM method."""
+    kur: bool = False
+
+
+@dataclass(frozen=True)
 class ClassifierConfig:
     """Multi-label classifier fitting on Ray Train."""
     epochs: int = 12
@@ -108,6 +116,11 @@ class CamConfig:
     scales: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)
     flip: bool = True
     splits: tuple[str, ...] = ("train", "val")
+    # MinMax-CAM family weights (David et al. 2022); 1 in the paper
+    lambda_pos: float = 1.0
+    lambda_neg: float = 1.0
+    lambda_bg: float = 1.0
+    scorecam_batch: int = 64   # masked images per forward pass of Score-CAM
     batch_size: int = 16
     # resources
     num_actors: int | None = None  # null: one per GPU, or CPUs - 1 (reads need a CPU)
@@ -147,6 +160,20 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class ExplainConfig:
+    """`ray-wsss explain`: XAI metrics and seed mIoU per explaining method (uses the
+    cams section's scales, flip, lambdas and resources)."""
+    methods: tuple[str, ...] = ("cam", "gradcam", "gradcampp", "scorecam", "minmax",
+                                "d-minmax", "minmax-gradcam")
+    splits: tuple[str, ...] = ("val",)
+    max_images: int | None = None   # evenly spaced subset (Score-CAM is costly)
+    scales: tuple[float, ...] | None = None  # TTA of the comparison; null: cams.scales
+    flip: bool | None = None                 # null: cams.flip
+    sample_images: int = 4          # images shown side by side in the report
+    batch_size: int = 8
+
+
+@dataclass(frozen=True)
 class ReportConfig:
     num_images: int = 10
     split: str = "val"
@@ -167,11 +194,13 @@ class PipelineConfig:
     run_dir: str = "runs/demo"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     cams: CamConfig = field(default_factory=CamConfig)
     seeds: SeedConfig = field(default_factory=SeedConfig)
     crf: CrfConfig = field(default_factory=CrfConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    explain: ExplainConfig = field(default_factory=ExplainConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
@@ -179,7 +208,8 @@ class PipelineConfig:
 RESOURCE_FIELDS = {
     "classifier": {"num_workers", "use_gpu", "cpus_per_worker", "torch_threads",
                    "max_failures", "cache_images"},
-    "cams": {"batch_size", "num_actors", "cpus_per_actor", "gpus_per_actor", "torch_threads"},
+    "cams": {"batch_size", "num_actors", "cpus_per_actor", "gpus_per_actor", "torch_threads",
+             "scorecam_batch"},
     "crf": {"batch_size", "cpus_per_task"},
     "evaluate": {"batch_size"},
 }

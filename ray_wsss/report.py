@@ -236,6 +236,56 @@ def sample_rows(run, split: str, n: int) -> list[dict]:
     return sorted(rows, key=lambda r: r["image_id"])
 
 
+def explain_section(run, info: DatasetInfo) -> str:
+    """The `ray-wsss explain` comparison: its table and, for a few images, every
+    method's map of every class of the image, side by side."""
+    path = run.path("explain", "comparison.json")
+    if not storage.exists(path):
+        return ""
+    comp = storage.read_json(path)
+    cols = [("IC ↑", "increase_in_confidence"), ("AD ↓", "average_drop"),
+            ("AR ↑", "average_retention"), ("ADO ↑", "average_drop_of_others"),
+            ("ARO ↓", "average_retention_of_others"), ("seed mIoU ↑", "seed_miou"),
+            ("img/s", "images_per_second")]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c, _ in cols)
+    body = "".join(
+        f"<tr><td>{html.escape(r['method'])}</td>" + "".join(
+            f"<td>{'–' if r.get(k) is None else f'{r[k]:.1f}'}</td>" for _, k in cols)
+        + "</tr>" for r in comp["rows"])
+    table = f"<table><tr><th>method</th>{head}</tr>{body}</table>"
+    samples = read_table(run.path("explain"), ["image_id", "method", "cam"]).to_pylist()
+    ids = sorted({s["image_id"] for s in samples})
+    images = {r["image_id"]: r for r in read_table(
+        run.dataset_path, ["image_id", "image", "label_vector"], ids=ids).to_pylist()}
+    methods = [r["method"] for r in comp["rows"]]
+    by_key = {(s["image_id"], s["method"]): decode_array(s["cam"]).astype(np.float32)
+              for s in samples}
+    strips = []
+    for image_id in ids:
+        image = decode_image(images[image_id]["image"], image_id)
+        classes = vector_to_labels(images[image_id]["label_vector"])
+        for j, c in enumerate(classes):
+            figs = [("image", _thumb(image))]
+            for m in methods:
+                maps = by_key.get((image_id, m))
+                if maps is not None and j < len(maps):
+                    figs.append((m, _thumb(heatmap_overlay(image, maps[j]))))
+            strip = "".join(f"<figure><img src='{_png_uri(p)}' alt='{html.escape(t)}'>"
+                            f"<figcaption>{html.escape(t)}</figcaption></figure>"
+                            for t, p in figs)
+            strips.append(f"<div class='item'><h3>{html.escape(image_id)} — "
+                          f"{html.escape(info.label_names[c])}</h3>"
+                          f"<div class='strip'>{strip}</div></div>")
+    note = (f"{comp['images']} images of {', '.join(comp['splits'])}; XAI metrics in %, over "
+            "each image's detected classes (IC: increase in confidence, AD: average drop, "
+            "AR: average retention, ADO/ARO: drop/retention of the other detected classes); "
+            "seed mIoU at each method's best background threshold"
+            + (", KUR head" if comp.get("kur") else "") + ".")
+    return (f"<section><h2>Explaining methods compared</h2><p class='muted'>"
+            f"{html.escape(note)}</p>{table}<div class='gallery'>{''.join(strips)}</div>"
+            "</section>")
+
+
 def render_page(run, info: DatasetInfo, metrics: dict, rows: list[dict]) -> str:
     cfg = run.config
     ev = metrics.get("evaluate", {})
@@ -290,7 +340,7 @@ def render_page(run, info: DatasetInfo, metrics: dict, rows: list[dict]) -> str:
             f"<header><h1>ray-wsss: weakly supervised segmentation report</h1>"
             f"<div class='sub'>{sub}</div></header><main>"
             f"<div class='cards'>{cards_html}</div>"
-            f"<div class='row2'>{charts}</div>{table}"
+            f"<div class='row2'>{charts}</div>{table}{explain_section(run, info)}"
             f"<section><h2>Samples</h2><div class='legendrow'>{legend}</div>"
             f"<div class='gallery'>{gallery or '<p class=muted>no images</p>'}</div></section>"
             f"</main></body></html>")

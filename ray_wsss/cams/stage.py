@@ -25,16 +25,17 @@ class CamPredictor:
     """Ray Data callable class: batch of dataset rows -> rows with `cam` and `probs`."""
 
     def __init__(self, model_dir: str, method: str, scales, flip: bool, threads: int = 1,
-                 use_gpu: bool = False):
+                 use_gpu: bool = False, options: dict | None = None):
         import torch
 
         from ..models.classifier import load_classifier
-        from .methods import get_method
+        from .methods import MethodOptions, get_method
 
         torch.set_num_threads(max(1, threads))
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model = load_classifier(model_dir, self.device).eval()
         self.method = get_method(method)
+        self.options = MethodOptions(**(options or {}))
         self.scales = tuple(scales)
         self.flip = flip
 
@@ -56,7 +57,8 @@ class CamPredictor:
             x = torch.from_numpy(np.stack([images[i] for i in idx])).to(self.device)
             x = x.permute(0, 3, 1, 2).float()
             class_sets = [vector_to_labels(vectors[i]) - 1 for i in idx]
-            maps, p = tta_maps(self.model, self.method, x, class_sets, self.scales, self.flip)
+            maps, p = tta_maps(self.model, self.method, x, class_sets, self.scales, self.flip,
+                               self.options)
             for j, i in enumerate(idx):
                 cams[i] = encode_array(maps[j])
                 probs[i] = p[j]
@@ -66,6 +68,11 @@ class CamPredictor:
         out["cam"] = np.array(cams, dtype=object)
         out["probs"] = probs
         return out
+
+
+def method_options(cfg) -> dict:
+    return {"lambda_pos": cfg.lambda_pos, "lambda_neg": cfg.lambda_neg,
+            "lambda_bg": cfg.lambda_bg, "scorecam_batch": cfg.scorecam_batch}
 
 
 def actor_count(cfg) -> int:
@@ -100,7 +107,7 @@ def cam_dataset(config, run: Run, model_dir: str | None = None, splits=None):
         fn_constructor_kwargs={"model_dir": model_dir or run.path("classifier"),
                                "method": cfg.method, "scales": cfg.scales, "flip": cfg.flip,
                                "threads": cfg.torch_threads or cfg.cpus_per_actor,
-                               "use_gpu": use_gpu},
+                               "use_gpu": use_gpu, "options": method_options(cfg)},
         compute=ray.data.ActorPoolStrategy(size=actor_count(cfg)),
         batch_size=cfg.batch_size, batch_format="numpy",
         num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor or None,

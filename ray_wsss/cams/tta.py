@@ -12,12 +12,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .methods import Method
+from .methods import Method, MethodOptions
 
 
 def tta_maps(model, method: Method, images: torch.Tensor, class_sets: Sequence[np.ndarray],
-             scales: Sequence[float] = (1.0,), flip: bool = False
-             ) -> tuple[list[np.ndarray], np.ndarray]:
+             scales: Sequence[float] = (1.0,), flip: bool = False,
+             opts: MethodOptions = MethodOptions()) -> tuple[list[np.ndarray], np.ndarray]:
     """images: (B, 3, H, W) float 0..255, all of one size; class_sets[b]: 0-based classes.
 
     Returns per image a float32 array (len(class_sets[b]), H, W) in [0, 1], and the class
@@ -40,7 +40,7 @@ def tta_maps(model, method: Method, images: torch.Tensor, class_sets: Sequence[n
         if flip:
             x = torch.cat([x, x.flip(-1)])
             cls = torch.cat([cls, cls])
-        maps, logits = method(model, x, cls)
+        maps, logits = method(model, x, cls, opts)
         maps = maps[:, union]
         if flip:
             maps = maps[:n] + maps[n:].flip(-1)

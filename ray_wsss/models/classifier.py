@@ -48,14 +48,27 @@ def build_backbone(cfg: ModelConfig, in_channels: int = 3, pretrained: bool = Tr
                       f"(choose one of {', '.join(BACKBONES)})")
 
 
+def kernel_usage(weight: torch.Tensor) -> torch.Tensor:
+    """Kernel Usage Regularization (David, Pedrini and Dias 2022): W * softmax over classes
+    of (W - max over classes of W). weight (K, C) -> (K, C). Each kernel's weight is
+    scaled by how much its class uses it relative to the other classes, so a kernel
+    drives few classes."""
+    return weight * torch.softmax(weight - weight.amax(dim=0, keepdim=True), dim=0)
+
+
 class Classifier(nn.Module):
     """`forward(images) -> logits (B, K)`; `features(images) -> (B, C, h, w)`;
-    `class_maps(features) -> (B, K, h, w)` (W A, before any ReLU)."""
+    `class_maps(features) -> (B, K, h, w)` (W A, before any ReLU).
 
-    def __init__(self, backbone: nn.Module, num_classes: int, mean, std, in_channels: int = 3):
+    `kur`: the head's weights are reparametrised by `kernel_usage` in training and in
+    every use of `head_weight()` (CAMs included)."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, mean, std, in_channels: int = 3,
+                 kur: bool = False):
         super().__init__()
         self.backbone = backbone
         self.num_classes = num_classes
+        self.kur = kur
         self.classifier = nn.Conv2d(backbone.out_channels, num_classes, 1, bias=False)
         nn.init.kaiming_normal_(self.classifier.weight)
         extra = in_channels - len(mean)
@@ -68,8 +81,9 @@ class Classifier(nn.Module):
         return self.backbone((images - self.mean) / self.std)
 
     def head_weight(self) -> torch.Tensor:
-        """The classifier weights W: (K, C)."""
-        return self.classifier.weight.flatten(1)
+        """The classifier weights W (K, C), after KUR when it is on."""
+        w = self.classifier.weight.flatten(1)
+        return kernel_usage(w) if self.kur else w
 
     def logits_from_features(self, feats: torch.Tensor) -> torch.Tensor:
         return F.adaptive_avg_pool2d(feats, 1).flatten(1) @ self.head_weight().t()
@@ -82,9 +96,9 @@ class Classifier(nn.Module):
 
 
 def build_classifier(cfg: ModelConfig, num_classes: int, in_channels: int = 3,
-                     pretrained: bool = True) -> Classifier:
+                     pretrained: bool = True, kur: bool = False) -> Classifier:
     backbone, mean, std = build_backbone(cfg, in_channels, pretrained)
-    return Classifier(backbone, num_classes, mean, std, in_channels)
+    return Classifier(backbone, num_classes, mean, std, in_channels, kur)
 
 
 def save_classifier(model: Classifier, cfg: ModelConfig, directory: str,
@@ -95,7 +109,7 @@ def save_classifier(model: Classifier, cfg: ModelConfig, directory: str,
     torch.save(model.state_dict(), buf)
     spec = {"backbone": cfg.backbone, "output_stride": cfg.output_stride,
             "num_classes": model.num_classes, "classes": list(classes),
-            "in_channels": int(model.mean.shape[1])}
+            "in_channels": int(model.mean.shape[1]), "kur": model.kur}
     spec.update(extra or {})
     storage.write_bytes_atomic(storage.join(directory, "model.pt"), buf.getvalue())
     storage.write_json_atomic(storage.join(directory, "model.json"), spec)
@@ -106,7 +120,7 @@ def load_classifier(directory: str, map_location: str | torch.device = "cpu") ->
     cfg = ModelConfig(backbone=spec["backbone"], output_stride=spec["output_stride"],
                       pretrained=None)
     model = build_classifier(cfg, spec["num_classes"], spec.get("in_channels", 3),
-                             pretrained=False)
+                             pretrained=False, kur=spec.get("kur", False))
     state = torch.load(io.BytesIO(storage.read_bytes(storage.join(directory, "model.pt"))),
                        map_location=map_location, weights_only=True)
     model.load_state_dict(state)

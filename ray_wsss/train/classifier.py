@@ -58,7 +58,7 @@ def train_loop(loop_config: dict) -> None:
     ctx = ray.train.get_context()
     world, rank = ctx.get_world_size(), ctx.get_world_rank()
 
-    model = build_classifier(model_cfg, loop_config["num_classes"])
+    model = build_classifier(model_cfg, loop_config["num_classes"], kur=loop_config["kur"])
     groups = _param_groups(model, cfg)
     if cfg.optimizer == "sgd":
         opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
@@ -209,6 +209,7 @@ def run(config, run: Run) -> dict:
         train_loop,
         train_loop_config={"classifier": to_dict(cfg), "model": to_dict(config.model),
                            "num_classes": info.num_classes, "num_train": num_train,
+                           "kur": config.head.kur,
                            "has_val": has_val,
                            "threads": cfg.torch_threads or cfg.cpus_per_worker},
         scaling_config=ray.train.ScalingConfig(
@@ -232,7 +233,8 @@ def run(config, run: Run) -> dict:
     import torch
     with result.checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
-    model = build_classifier(config.model, info.num_classes, pretrained=False)
+    model = build_classifier(config.model, info.num_classes, pretrained=False,
+                             kur=config.head.kur)
     model.load_state_dict(state["model"])
     save_classifier(model, config.model, stage_dir, info.classes,
                     {"epochs": state["epoch"] + 1})

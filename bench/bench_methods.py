@@ -1,0 +1,82 @@
+"""Explaining methods: images/s at batch 1 and 32, with and without TTA, and the speed-up
+over the naive per-image, per-class loop that the correctness tests use as reference.
+
+    python bench/bench_methods.py [--images 64] [--model-dir RUN/classifier] [--threads 2]
+
+The demo architecture (resnet_mini, 160x160 images, 6 classes); images carry their
+demo labels (1 to 3 classes each), so every method explains the same classes.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from common import scratch_run
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from tests.cams.test_methods import reference  # noqa: E402  the naive loop of the tests
+
+from ray_wsss.cams.methods import METHODS, MethodOptions  # noqa: E402
+from ray_wsss.cams.tta import tta_maps  # noqa: E402
+from ray_wsss.data.codecs import decode_image  # noqa: E402
+from ray_wsss.data.dataset import parquet_files, vector_to_labels  # noqa: E402
+from ray_wsss.models.classifier import load_classifier  # noqa: E402
+
+TTA = {"no TTA": ((1.0,), False), "TTA 4 scales + flip": ((1.0, 0.5, 1.5, 2.0), True)}
+
+
+def rate(fn, n: int) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return n / (time.perf_counter() - t0)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=64)
+    ap.add_argument("--model-dir")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--methods", default=",".join(METHODS))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    run, model_dir = scratch_run(args.images, model_dir=args.model_dir)
+    model = load_classifier(model_dir).eval()
+    table = pq.read_table(parquet_files(run.dataset_path))
+    x = torch.from_numpy(np.stack([decode_image(b) for b in table.column("image").to_pylist()]))
+    x = x.permute(0, 3, 1, 2).float()
+    sets = [vector_to_labels(v) - 1 for v in table.column("label_vector").to_pylist()]
+    classes = torch.zeros(len(sets), model.num_classes)
+    for i, s in enumerate(sets):
+        classes[i, s] = 1
+    n = len(sets)
+    opts = MethodOptions(scorecam_batch=64)
+    print(f"{n} images 160x160, {sum(map(len, sets))} (image, class) pairs, resnet_mini, "
+          f"{args.threads} threads")
+    print(f"{'method':16s}{'TTA':>22s}{'b=1 img/s':>11s}{'b=32 img/s':>12s}"
+          f"{'naive img/s':>13s}{'x naive (b=32)':>16s}")
+    for name in args.methods.split(","):
+        fn = METHODS[name]
+        naive_n = min(n, 4 if name == "scorecam" else 16)
+        naive = rate(lambda: reference(name, model, x[:naive_n], classes[:naive_n], opts),
+                     naive_n)
+        for tta, (scales, flip) in TTA.items():
+            if name == "scorecam" and tta != "no TTA":
+                continue  # hundreds of forward passes per image and scale
+            def batched(bs, count):
+                for i in range(0, count, bs):
+                    tta_maps(model, fn, x[i:i + bs], sets[i:i + bs], scales, flip, opts)
+            m = min(n, 8) if name == "scorecam" else n
+            r1 = rate(lambda: batched(1, m), m)
+            r32 = rate(lambda: batched(32, m), m)
+            ratio = f"{r32 / naive:16.1f}" if tta == "no TTA" else f"{'':16s}"
+            print(f"{name:16s}{tta:>22s}{r1:11.1f}{r32:12.1f}{naive:13.1f}{ratio}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""`ray-wsss explain`: compare explaining methods on one trained classifier.
+
+A Ray Data job like the CAM stage: actors load the classifier once and, for every image
+of `explain.splits` and every method, compute the maps with the CAM stage's TTA, the XAI
+metrics of `xai.py` over the image's detected classes, and, where ground truth exists, the
+seeds' confusion matrices over the background-threshold sweep (maps of the labelled
+classes, as the CAM stage makes them). Only sums reach the driver.
+
+Writes <run>/explain/comparison.csv and comparison.json, sample maps per method for the
+report (samples.parquet), and an `explain` section in metrics.json.
+"""
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import time
+
+import numpy as np
+
+from .. import storage
+from ..config import PipelineConfig
+from ..data.codecs import decode_image, decode_mask, encode_array
+from ..data.dataset import label_matrix, open_dataset, read_table, vector_to_labels
+from ..errors import ConfigError, StageError
+from ..evaluate import ConfusionMatrix
+from ..run import Run
+from .methods import METHODS, MethodOptions, get_method
+from .stage import actor_count, method_options
+from .xai import KEYS, xai_metrics, xai_sums
+
+
+class Explainer:
+    """Ray Data callable class: a batch of images -> per-method sums and sample maps."""
+
+    def __init__(self, model_dir: str, methods, scales, flip, thresholds, n_labels: int,
+                 background: bool, sample_ids, threads: int = 1, use_gpu: bool = False,
+                 options: dict | None = None):
+        import torch
+
+        from ..models.classifier import load_classifier
+
+        torch.set_num_threads(max(1, threads))
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.model = load_classifier(model_dir, self.device).eval()
+        self.methods = list(methods)
+        self.scales, self.flip = tuple(scales), flip
+        self.thresholds = list(thresholds)
+        self.n_labels, self.background = n_labels, background
+        self.sample_ids = set(sample_ids)
+        self.options = MethodOptions(**(options or {}))
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+
+        from ..refine.seeds import seed_mask, seed_sweep
+        from .tta import tta_maps
+
+        n = len(batch["image_id"])
+        images = [decode_image(d, f"image_id {i}") for d, i in zip(batch["image"],
+                                                                     batch["image_id"])]
+        labels = label_matrix(batch["label_vector"])
+        m = len(self.methods)
+        t = len(self.thresholds) if self.background else 1
+        sums = np.zeros((1, m, len(KEYS)))
+        conf = np.zeros((1, m, t, self.n_labels, self.n_labels + 1), np.int64)
+        seconds = np.zeros((1, m))
+        samples = []
+        by_shape: dict[tuple[int, int], list[int]] = {}
+        for i, img in enumerate(images):
+            by_shape.setdefault(img.shape[:2], []).append(i)
+        for idx in by_shape.values():
+            x = torch.from_numpy(np.stack([images[i] for i in idx])).to(self.device)
+            x = x.permute(0, 3, 1, 2).float()
+            with torch.no_grad():
+                probs = torch.sigmoid(self.model(x)).cpu().numpy()
+            detected = [np.flatnonzero(p > 0.5) for p in probs]
+            labelled = [vector_to_labels(labels[i]) - 1 for i in idx]
+            for mi, name in enumerate(self.methods):
+                fn = get_method(name)
+                t0 = time.perf_counter()
+                maps_det, _ = tta_maps(self.model, fn, x, detected, self.scales, self.flip,
+                                       self.options)
+                seconds[0, mi] += time.perf_counter() - t0
+                sums[0, mi] += xai_sums(self.model, x, maps_det, detected)
+                same = all(np.array_equal(a, b) for a, b in zip(detected, labelled))
+                maps_lab = maps_det if same else tta_maps(
+                    self.model, fn, x, labelled, self.scales, self.flip, self.options)[0]
+                for j, i in enumerate(idx):
+                    mask = batch["mask"][i]
+                    classes = labelled[j] + 1
+                    if mask is not None:
+                        gt = decode_mask(mask, f"mask of image_id {batch['image_id'][i]}")
+                        seeds = (seed_sweep(maps_lab[j], classes, self.thresholds)
+                                 if self.background else
+                                 [seed_mask(maps_lab[j], classes, 0.0, background=False)])
+                        for ti, seed in enumerate(seeds):
+                            conf[0, mi, ti] += ConfusionMatrix(self.n_labels).update(
+                                gt, seed).mat
+                    if batch["image_id"][i] in self.sample_ids:
+                        samples.append([str(batch["image_id"][i]), name,
+                                        base64.b64encode(encode_array(maps_lab[j])).decode()])
+        return {"sums": sums, "confusion": conf, "seconds": seconds,
+                "images": np.array([n]),
+                "samples": np.array([json.dumps(samples)])}
+
+
+def run_explain(config: PipelineConfig, run: Run, methods: list[str]) -> dict:
+    """Run the comparison and write its outputs; returns the table rows."""
+    import ray.data
+
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"--methods: unknown {unknown[0]!r} (choose from "
+                          f"{', '.join(METHODS)})")
+    if not run.is_done("classifier"):
+        raise StageError(f"explain needs a finished classifier stage in {run.root}")
+    info = run.dataset_info()
+    cfg, ecfg = config.cams, config.explain
+    scales = ecfg.scales if ecfg.scales is not None else cfg.scales
+    flip = ecfg.flip if ecfg.flip is not None else cfg.flip
+    thresholds = list(config.evaluate.thresholds)
+    index = read_table(run.dataset_path, ["image_id", "mask"], list(ecfg.splits))
+    ids = sorted(index.column("image_id").to_pylist())
+    with_gt = sorted(i for i, ok in zip(index.column("image_id").to_pylist(),
+                                        index.column("mask").is_valid().to_pylist()) if ok)
+    pool = with_gt or ids
+    sample_ids = pool[:: max(1, len(pool) // max(ecfg.sample_images, 1))][:ecfg.sample_images]
+    if ecfg.max_images:
+        keep = ids[:: max(1, len(ids) // ecfg.max_images)][:ecfg.max_images]
+        keep = sorted(set(keep) | set(sample_ids))
+    else:
+        keep = None
+    ds = open_dataset(run.dataset_path, ["image_id", "image", "mask", "label_vector"],
+                      list(ecfg.splits), rows_per_block=ecfg.batch_size, ids=keep)
+    use_gpu = cfg.gpus_per_actor > 0
+    out = ds.map_batches(
+        Explainer,
+        fn_constructor_kwargs={
+            "model_dir": run.path("classifier"), "methods": methods, "scales": scales,
+            "flip": flip, "thresholds": thresholds, "n_labels": info.num_classes + 1,
+            "background": info.background, "sample_ids": sample_ids,
+            "threads": cfg.torch_threads or cfg.cpus_per_actor, "use_gpu": use_gpu,
+            "options": method_options(cfg)},
+        compute=ray.data.ActorPoolStrategy(size=actor_count(cfg)),
+        batch_size=ecfg.batch_size, batch_format="numpy", num_cpus=cfg.cpus_per_actor,
+        num_gpus=cfg.gpus_per_actor or None)
+    sums = conf = seconds = None
+    images, samples = 0, []
+    for b in out.iter_batches(batch_size=None, batch_format="numpy"):
+        s, c, t = b["sums"].sum(0), b["confusion"].sum(0), b["seconds"].sum(0)
+        sums = s if sums is None else sums + s
+        conf = c if conf is None else conf + c
+        seconds = t if seconds is None else seconds + t
+        images += int(b["images"].sum())
+        for group in b["samples"]:
+            samples.extend(json.loads(str(group)))
+    if sums is None:
+        raise StageError(f"explain: no image in split(s) {', '.join(ecfg.splits)}")
+    names = info.label_names
+    exclude = () if info.background else (0,)
+    rows = []
+    for mi, name in enumerate(methods):
+        row = {"method": name, **xai_metrics(sums[mi])}
+        if conf[mi].sum():
+            curve = [ConfusionMatrix(len(names), m).metrics(names, exclude)["miou"]
+                     for m in conf[mi]]
+            best = int(np.nanargmax(curve))
+            row["seed_miou"] = 100 * curve[best]
+            row["best_threshold"] = thresholds[best] if info.background else None
+        row["images_per_second"] = images / max(seconds[mi], 1e-9)
+        rows.append(row)
+    _write(run, rows, samples, {"images": images, "splits": list(ecfg.splits),
+                                "scales": list(scales), "flip": flip,
+                                "kur": config.head.kur})
+    return {"rows": rows, "images": images}
+
+
+def _write(run: Run, rows: list[dict], samples: list, meta: dict) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fields = ["method", "increase_in_confidence", "average_drop", "average_retention",
+              "average_drop_of_others", "average_retention_of_others", "pairs", "seed_miou",
+              "best_threshold", "images_per_second"]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
+    with run.output("explain") as out:
+        storage.write_bytes_atomic(storage.join(out, "comparison.csv"), buf.getvalue().encode())
+        storage.write_json_atomic(storage.join(out, "comparison.json"), {**meta, "rows": rows})
+        table = pa.table({"image_id": [s[0] for s in samples], "method": [s[1] for s in samples],
+                          "cam": pa.array([base64.b64decode(s[2]) for s in samples],
+                                          pa.binary())})
+        fs, path = storage.filesystem(storage.join(out, "samples.parquet"))
+        pq.write_table(table, path, filesystem=fs)
+    run.write_metrics("explain", {**meta, "rows": rows})
+
+
+def format_table(rows: list[dict]) -> str:
+    head = (f"{'method':16s}{'IC':>7s}{'AD':>7s}{'AR':>7s}{'ADO':>7s}{'ARO':>7s}"
+            f"{'seed mIoU':>11s}{'img/s':>8s}")
+    lines = [head]
+    for r in rows:
+        miou = f"{r['seed_miou']:11.1f}" if r.get("seed_miou") is not None else f"{'-':>11s}"
+        lines.append(f"{r['method']:16s}{r['increase_in_confidence']:7.1f}"
+                     f"{r['average_drop']:7.1f}{r['average_retention']:7.1f}"
+                     f"{r['average_drop_of_others']:7.1f}{r['average_retention_of_others']:7.1f}"
+                     f"{miou}{r['images_per_second']:8.1f}")
+    return "\n".join(lines)

@@ -1,0 +1,35 @@
+"""`ray-wsss explain` on the tiny run: the table, and its CAM row against the pipeline."""
+import csv
+
+import pytest
+
+from ray_wsss.cams.explain import run_explain
+from ray_wsss.errors import ConfigError
+from ray_wsss.run import Run
+
+pytestmark = pytest.mark.slow
+
+
+def test_explain_table_and_cam_seed_miou_match_the_pipeline(tiny_run, copy_run):
+    root = copy_run("explain")
+    run = Run(tiny_run.config, root)
+    result = run_explain(run.config, run, ["cam", "minmax", "gradcam"])
+    rows = {r["method"]: r for r in result["rows"]}
+    assert set(rows) == {"cam", "minmax", "gradcam"} and result["images"] == 48
+    for r in rows.values():
+        for key in ("increase_in_confidence", "average_drop", "average_retention",
+                    "average_drop_of_others", "average_retention_of_others"):
+            assert 0 <= r[key] <= 100
+        assert r["pairs"] > 0 and r["images_per_second"] > 0
+    # the same maps (method, TTA, labels) as the CAM stage, evaluated another way
+    evaluated = tiny_run.read_metrics()["evaluate"]["cams"]["best"]["miou"]
+    assert rows["cam"]["seed_miou"] == pytest.approx(100 * evaluated, abs=0.05)
+    with open(run.path("explain", "comparison.csv")) as fh:
+        table = list(csv.DictReader(fh))
+    assert [t["method"] for t in table] == ["cam", "minmax", "gradcam"]
+    assert run.read_metrics()["explain"]["rows"][0]["method"] == "cam"
+
+
+def test_explain_rejects_unknown_methods(tiny_run):
+    with pytest.raises(ConfigError, match=r"unknown 'gradcam\+'"):
+        run_explain(tiny_run.config, tiny_run, ["cam", "gradcam+"])

@@ -1,0 +1,215 @@
+"""Every explaining method against a straightforward per-image, per-class reference:
+autograd through the model for the gradient methods, explicit loops for Score-CAM and
+the MinMax weights. Float64 models with random weights; maps agree to 1e-5 relative."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ray_wsss.cams.methods import METHODS, MethodOptions
+from ray_wsss.cams.tta import tta_maps
+from ray_wsss.models.classifier import Classifier, kernel_usage
+
+K, C = 4, 6
+
+
+class ConvBackbone(nn.Module):
+    """A small random conv net at stride 4 (not a trained model: the maths is the point)."""
+    out_channels = C
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, 2, 1)
+        self.c2 = nn.Conv2d(8, C, 3, 2, 1)
+
+    def forward(self, x):
+        return F.relu(self.c2(F.relu(self.c1(x))))
+
+
+class SoftplusHead(Classifier):
+    """s_c = mean_xy softplus((W A)_c): gradients vary over space, unlike GAP + linear."""
+
+    def logits_from_features(self, feats):
+        return F.softplus(torch.einsum("bchw,kc->bkhw", feats, self.head_weight())).mean((2, 3))
+
+
+def make(cls=Classifier, seed=0, kur=False):
+    torch.manual_seed(seed)
+    m = cls(ConvBackbone(), K, mean=(120.0, 110.0, 100.0), std=(60.0, 60.0, 60.0), kur=kur)
+    with torch.no_grad():
+        m.classifier.weight.normal_()
+    return m.double().eval()
+
+
+def batch(seed=1, b=3, h=24, w=20):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(b, 3, h, w, generator=g, dtype=torch.float64) * 255
+    classes = torch.tensor([[1, 0, 1, 1], [0, 1, 0, 0], [1, 1, 0, 0]], dtype=torch.float64)[:b]
+    return x, classes
+
+
+def close(a, b):
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
+
+
+# ---------------------------------------------------------------- references
+
+def ref_grad(model, x, target_fn):
+    """Per-image: features (with grad), the scalar target, its gradient dT/dA."""
+    feats = model.features(x[None]).detach().requires_grad_(True)
+    logits = model.logits_from_features(feats)[0]
+    (g,) = torch.autograd.grad(target_fn(logits), feats)
+    return feats.detach()[0], g[0]
+
+
+def reference(method, model, x, classes, opts=MethodOptions()):
+    out = torch.zeros(x.shape[0], K, *model.features(x[:1]).shape[2:], dtype=x.dtype)
+    for b in range(x.shape[0]):
+        D = [int(c) for c in torch.nonzero(classes[b]).flatten()]
+        for u in D:
+            if method in ("gradcam", "gradcampp", "minmax-gradcam"):
+                if method == "minmax-gradcam":
+                    def target(s, u=u):
+                        rest = sum(s[d] for d in D if d != u) if len(D) > 1 else 0.0
+                        return opts.lambda_pos * s[u] - opts.lambda_neg * rest / max(len(D) - 1, 1)
+                else:
+                    def target(s, u=u):
+                        return s[u]
+                A, g = ref_grad(model, x[b], target)
+                if method == "gradcampp":
+                    alpha = torch.zeros(A.shape[0], dtype=A.dtype)
+                    for k in range(A.shape[0]):
+                        num = g[k] ** 2
+                        den = 2 * g[k] ** 2 + A[k].sum() * g[k] ** 3
+                        a = torch.where(g[k] != 0, num / den, torch.zeros_like(num))
+                        alpha[k] = (a * F.relu(g[k])).sum()
+                else:
+                    alpha = g.mean(dim=(1, 2))
+                out[b, u] = F.relu((alpha[:, None, None] * A).sum(0))
+                continue
+            A = model.features(x[b:b + 1])[0]
+            W = model.head_weight()
+            if method == "cam":
+                w = W[u]
+            elif method == "minmax":
+                w = opts.lambda_pos * W[u] - opts.lambda_neg * sum(
+                    (W[d] for d in D if d != u), torch.zeros_like(W[u])) / max(len(D) - 1, 1)
+            elif method == "d-minmax":
+                rest = sum((W[d] for d in D if d != u), torch.zeros_like(W[u]))
+                total = sum(W[d] for d in D)
+                w = (opts.lambda_pos * F.relu(W[u])
+                     - opts.lambda_neg * F.relu(rest) / max(len(D) - 1, 1)
+                     + opts.lambda_bg * torch.clamp(total, max=0) / max(len(D), 1))
+            elif method == "scorecam":
+                scores = []
+                for k in range(A.shape[0]):
+                    up = F.interpolate(A[None, k:k + 1], size=x.shape[2:], mode="bilinear",
+                                       align_corners=False)[0, 0]
+                    m = (up - up.min()) / (up.max() - up.min()) if up.max() > up.min() \
+                        else torch.zeros_like(up)
+                    masked = model.mean[0] + (x[b] - model.mean[0]) * m
+                    scores.append(model(masked[None])[0, u])
+                w = torch.softmax(torch.stack(scores), 0)
+            out[b, u] = F.relu(torch.einsum("chw,c->hw", A, w))
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("cls", [Classifier, SoftplusHead], ids=["gap-linear", "softplus-head"])
+def test_method_equals_the_per_image_per_class_reference(name, cls):
+    model = make(cls)
+    x, classes = batch()
+    opts = MethodOptions(lambda_pos=1.3, lambda_neg=0.7, lambda_bg=0.9, scorecam_batch=4,
+                         grad_chunk=2)
+    with torch.no_grad():
+        maps, logits = METHODS[name](model, x, classes, opts)
+        close(logits, model(x))
+    close(maps, reference(name, model, x, classes, opts))
+    assert maps.min() >= 0
+    assert torch.all(maps[classes == 0] == 0)
+
+
+def _normalised(m):
+    return m / m.amax(dim=(-2, -1), keepdim=True).clamp(min=1e-30)
+
+
+def test_cam_equals_gradcam_up_to_normalisation_for_gap_linear():
+    model = make()
+    x, classes = batch()
+    cam, _ = METHODS["cam"](model, x, classes)
+    grad, _ = METHODS["gradcam"](model, x, classes)
+    h, w = cam.shape[-2:]
+    close(grad * h * w, cam)  # dS/dA = W / (h w) for GAP + linear
+    close(_normalised(grad[classes > 0]), _normalised(cam[classes > 0]))
+
+
+def test_single_class_minmax_and_d_minmax_reduce_to_cam():
+    model = make()
+    x, _ = batch()
+    one = torch.zeros(3, K, dtype=torch.float64)
+    one[torch.arange(3), torch.tensor([0, 2, 3])] = 1
+    cam, _ = METHODS["cam"](model, x, one)
+    close(METHODS["minmax"](model, x, one)[0], cam)
+    close(METHODS["d-minmax"](model, x, one, MethodOptions(lambda_bg=1.0))[0], cam)
+    close(METHODS["minmax-gradcam"](model, x, one)[0], METHODS["gradcam"](model, x, one)[0])
+
+
+class TwoHalves(nn.Module):
+    """Channel 0 fires on the left half of the image, channel 1 on the right half."""
+    out_channels = 2
+
+    def forward(self, x):
+        h, w = x.shape[2] // 4, x.shape[3] // 4
+        f = torch.zeros(x.shape[0], 2, h, w, dtype=x.dtype)
+        f[:, 0, :, : w // 2] = 1
+        f[:, 1, :, w // 2:] = 1
+        return f
+
+
+def test_minmax_suppresses_a_class_where_another_detected_class_weighs_more():
+    model = Classifier(TwoHalves(), 2, mean=(0, 0, 0), std=(1, 1, 1)).double()
+    with torch.no_grad():  # class 0 uses both halves a little, class 1 the right half a lot
+        model.classifier.weight.copy_(torch.tensor([[1.0, 0.5], [0.0, 2.0]])[:, :, None, None])
+    x = torch.zeros(1, 3, 16, 16, dtype=torch.float64)
+    both = torch.ones(1, 2, dtype=torch.float64)
+    cam, _ = METHODS["cam"](model, x, both)
+    mm, _ = METHODS["minmax"](model, x, both)
+    dmm, _ = METHODS["d-minmax"](model, x, both)
+    assert torch.all(cam[0, 0, :, 2:] == 0.5) and torch.all(cam[0, 0, :, :2] == 1)
+    assert torch.all(mm[0, 0, :, 2:] == 0) and torch.all(mm[0, 0, :, :2] == 1)
+    assert torch.all(dmm[0, 0, :, 2:] == 0)  # relu(0.5 - 2) + 0
+    # class 1 alone in D: nothing to subtract, MinMax is CAM
+    only1 = torch.tensor([[0.0, 1.0]], dtype=torch.float64)
+    close(METHODS["minmax"](model, x, only1)[0], METHODS["cam"](model, x, only1)[0])
+
+
+def test_tta_runs_every_method_with_the_same_output_format():
+    model = make().float()
+    x = (torch.rand(2, 3, 32, 32) * 255)
+    for name, fn in METHODS.items():
+        maps, probs = tta_maps(model, fn, x, [np.array([0, 3]), np.array([1])],
+                               scales=(1.0, 0.5), flip=True,
+                               opts=MethodOptions(scorecam_batch=8))
+        assert maps[0].shape == (2, 32, 32) and maps[1].shape == (1, 32, 32), name
+        assert all(m.max() <= 1 + 1e-6 and m.min() >= 0 for m in maps), name
+        assert probs.shape == (2, K)
+
+
+# ---------------------------------------------------------------- KUR
+
+def test_kernel_usage_equals_the_formula_and_passes_gradients():
+    w = torch.randn(K, C, dtype=torch.float64, requires_grad=True)
+    out = kernel_usage(w)
+    expected = torch.empty_like(w)
+    for k in range(C):
+        col = w[:, k]
+        e = torch.exp(col - col.max())
+        expected[:, k] = col * e / e.sum()
+    close(out, expected)
+    assert torch.autograd.gradcheck(kernel_usage, (w,))
+    model = make(kur=True)
+    x, classes = batch()
+    F.binary_cross_entropy_with_logits(model(x), classes).backward()
+    assert model.classifier.weight.grad.abs().sum() > 0
+    close(model.head_weight(), kernel_usage(model.classifier.weight.flatten(1)))
