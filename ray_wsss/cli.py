@@ -3,6 +3,8 @@
     ray-wsss demo [--run-dir DIR] [key.sub=value ...]
     ray-wsss run CONFIG.yaml [--run-dir DIR] [--force] [key.sub=value ...]
     ray-wsss stage NAME CONFIG.yaml [--run-dir DIR] [--force] [key.sub=value ...]
+    ray-wsss explain CONFIG.yaml [--methods cam,gradcam,...] [key.sub=value ...]
+    ray-wsss sweep NAME CONFIG.yaml [--samples N] [--force] [key.sub=value ...]
     ray-wsss import voc PATH --out DIR
     ray-wsss import folder PATH [--labels CSV] [--masks DIR] --classes NAMES --out DIR
     ray-wsss import coco INSTANCES.json --images DIR --out DIR
@@ -80,6 +82,35 @@ def cmd_explain(args) -> int:
         print(f"report: {run.path('report', 'index.html')}")
     else:
         print("the report gains an explain section once the pipeline has run (ray-wsss run)")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from .pipeline import run_stage
+    from .run import Run
+    from .runtime import init_ray
+    from .sweep import load_spec, run_sweep
+
+    config = _config(args)
+    spec = load_spec(args.name, {"num_samples": args.samples} if args.samples else None)
+    run = Run(config)
+    init_ray(config.ray)
+    result = run_sweep(config, run, spec, force=args.force)
+    good = sorted((r for r in result["rows"] if r["metric"] is not None),
+                  key=lambda r: -r["metric"] if spec.mode == "max" else r["metric"])
+    print(f"\nSweep {spec.name}: {len(result['rows'])} trials, {spec.metric} ({spec.mode})")
+    base = result["base"]
+    for i, r in enumerate(good[:5]):
+        tag = "  (the base config)" if base and r["trial"] == base["trial"] else ""
+        params = ", ".join(f"{k}={v if not isinstance(v, float) else round(v, 4)}"
+                           for k, v in r["params"].items())
+        print(f"{i + 1:3d}. {r['metric']:8.3f}  {params}{tag}")
+    if base and base.get("metric") is not None:
+        print(f"base config: {base['metric']:.3f}")
+    print(f"best config: {result['best_yaml']}")
+    if run.is_done("evaluate"):
+        run_stage("report", config, run, force=True)
+        print(f"report: {run.path('report', 'index.html')}")
     return 0
 
 
@@ -187,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--methods", help="comma-separated, e.g. cam,gradcam,minmax "
                                      "(default: explain.methods)")
     q.set_defaults(fn=cmd_explain)
+    q = sub.add_parser("sweep", help="a Ray Tune sweep from tuning/NAME.yaml")
+    q.add_argument("name", help="thresholds, regularizers, ... or a sweep YAML file")
+    run_args(q)
+    q.add_argument("--samples", type=int, help="number of trials (overrides the sweep file)")
+    q.set_defaults(fn=cmd_sweep)
     q = sub.add_parser("metrics", help="print a run's evaluation table")
     q.add_argument("run_dir")
     q.set_defaults(fn=cmd_metrics)
@@ -248,16 +284,21 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def job_main(stage: str | None, argv: list[str] | None = None) -> int:
+def job_main(stage: str | None, argv: list[str] | None = None, command: str | None = None
+             ) -> int:
     """Entry point of the scripts in jobs/: `--config FILE --run-dir DIR [--force]
-    [key.sub=value ...]`, i.e. `ray-wsss run` (stage None) or `ray-wsss stage NAME`."""
-    p = argparse.ArgumentParser(description=f"ray-wsss {'pipeline' if stage is None else stage}"
-                                " as a Ray job")
+    [key.sub=value ...]`, i.e. `ray-wsss run` (stage None), `ray-wsss stage NAME`, or
+    another command (`sweep NAME`, `explain`) given as `command`."""
+    p = argparse.ArgumentParser(description=f"ray-wsss {command or stage or 'pipeline'} "
+                                "as a Ray job")
     p.add_argument("--config", required=True, help="YAML config file")
     p.add_argument("--run-dir", help="run directory: local path or URI (s3://, gs://)")
     p.add_argument("--force", action="store_true")
     args, overrides = p.parse_known_args(argv)
-    cmd = ["run"] if stage is None else ["stage", stage]
+    if command is not None:
+        cmd = command.split()
+    else:
+        cmd = ["run"] if stage is None else ["stage", stage]
     cmd += [args.config, *overrides]
     if args.run_dir:
         cmd += ["--run-dir", args.run_dir]

@@ -121,6 +121,8 @@ class CamConfig:
     lambda_neg: float = 1.0
     lambda_bg: float = 1.0
     scorecam_batch: int = 64   # masked images per forward pass of Score-CAM
+    # larger images are shrunk for the network (maps are resized back to the image)
+    max_image_side: int | None = 1024
     batch_size: int = 16
     # resources
     num_actors: int | None = None  # null: one per GPU, or CPUs - 1 (reads need a CPU)

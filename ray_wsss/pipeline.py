@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import importlib
 import time
+import uuid
 from typing import Callable, Sequence
 
 from . import storage
 from .config import PipelineConfig
 from .errors import StageError
 from .run import STAGES, Run
+from .runtime import init_ray, project_error
 
 ENTRY_POINTS = {
     "dataset": "ray_wsss.data.stage",
@@ -51,21 +53,25 @@ def run_stage(name: str, config: PipelineConfig, run: Run | None = None, force: 
             raise StageError(f"stage {name} needs stage {missing[0]} to be finished first "
                              f"in {run.root} (run `ray-wsss run` or `ray-wsss stage "
                              f"{missing[0]}`)")
-    if force or not run.is_current(name):
-        # A fresh computation: drop outputs (and checkpoints) of another config or input;
-        # an interrupted run of this same computation keeps them to resume from.
-        for out in STAGES[name][2]:
-            if name != "dataset" or config.data.source != "parquet":
-                storage.remove(run.path(out))
-    from .runtime import init_ray
-
+    entry = run.stage_entry(name) or {}
+    if not force and run.is_current(name) and entry.get("status") == "running":
+        # the same computation was interrupted: resume it (e.g. from Ray Train checkpoints)
+        attempt = entry.get("attempt") or uuid.uuid4().hex[:8]
+    else:
+        attempt = uuid.uuid4().hex[:8]
     init_ray(config.ray)
     _log(f"stage {name}: running")
-    run.mark(name, "running")
+    run.mark(name, "running", attempt=attempt)
     t0 = time.time()
-    summary = fn(config, run) or {}
+    try:
+        summary = fn(config, run) or {}
+    except Exception as exc:
+        found = project_error(exc)
+        if found is not None and found is not exc:
+            raise found from None
+        raise
     seconds = round(time.time() - t0, 1)
-    run.mark(name, "done", seconds=seconds, summary=summary)
+    run.mark(name, "done", seconds=seconds, summary=summary, attempt=attempt)
     _log(f"stage {name}: done in {seconds}s {summary if summary else ''}".rstrip())
     return summary
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import html
+import json
 from typing import Sequence
 
 import cv2
@@ -62,9 +63,10 @@ def mask_overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.6) -> np.
 
 def line_chart(series: dict[str, tuple[Sequence[float], Sequence[float]]], x_label: str,
                y_label: str, markers: Sequence[tuple[float, float, str]] = (),
-               width: int = 460, height: int = 250, y_range: tuple[float, float] | None = None
-               ) -> str:
-    """Small SVG line chart; series: name -> (xs, ys); markers: (x, y, label)."""
+               width: int = 460, height: int = 250, y_range: tuple[float, float] | None = None,
+               lines: bool = True, x_ticks: Sequence[str] | None = None) -> str:
+    """Small SVG chart; series: name -> (xs, ys); markers: (x, y, label). `lines=False`
+    draws points only (a scatter); `x_ticks` labels x = 0, 1, ... (categories)."""
     colors = ["#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed"]
     xs = [x for s in series.values() for x in s[0]]
     ys = [y for s in series.values() for y in s[1] if y is not None and np.isfinite(y)]
@@ -86,10 +88,12 @@ def line_chart(series: dict[str, tuple[Sequence[float], Sequence[float]]], x_lab
                      "class='grid'/>")
         parts.append(f"<text x='{L - 6}' y='{py(yv) + 4:.1f}' class='tick' "
                      f"text-anchor='end'>{yv:.3g}</text>")
-    for i in range(5):
-        xv = x0 + (x1 - x0) * i / 4
+    ticks = ([(i, t) for i, t in enumerate(x_ticks)] if x_ticks is not None else
+             [(x0 + (x1 - x0) * i / 4, None) for i in range(5)])
+    for xv, label in ticks:
+        label = f"{xv:.3g}" if label is None else label
         parts.append(f"<text x='{px(xv):.1f}' y='{height - B + 16}' class='tick' "
-                     f"text-anchor='middle'>{xv:.3g}</text>")
+                     f"text-anchor='middle'>{html.escape(label)}</text>")
     parts.append(f"<text x='{(L + width - R) / 2}' y='{height - 4}' class='axis' "
                  f"text-anchor='middle'>{html.escape(x_label)}</text>")
     parts.append(f"<text x='12' y='{(T + height - B) / 2}' class='axis' text-anchor='middle' "
@@ -99,7 +103,9 @@ def line_chart(series: dict[str, tuple[Sequence[float], Sequence[float]]], x_lab
         c = colors[i % len(colors)]
         pts = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(sx, sy)
                        if y is not None and np.isfinite(y))
-        parts.append(f"<polyline points='{pts}' fill='none' stroke='{c}' stroke-width='2.2'/>")
+        if lines:
+            parts.append(f"<polyline points='{pts}' fill='none' stroke='{c}' "
+                         "stroke-width='2.2'/>")
         for x, y in zip(sx, sy):
             if y is not None and np.isfinite(y):
                 parts.append(f"<circle cx='{px(x):.1f}' cy='{py(y):.1f}' r='2.6' fill='{c}'/>")
@@ -143,7 +149,8 @@ font-size:10px;fill:#0f172a}.gallery{display:flex;flex-direction:column;gap:18px
 font-weight:600}.item h3 .iou{color:var(--muted);font-weight:400;margin-left:10px}
 .strip{display:flex;gap:10px;overflow-x:auto}figure{margin:0;text-align:center}
 figure img{display:block;border-radius:8px;border:1px solid var(--line);image-rendering:auto}
-figcaption{font-size:11px;color:var(--muted);margin-top:4px}.legendrow{display:flex;
+figcaption{font-size:11px;color:var(--muted);margin-top:4px}.charts{display:grid;grid-template-columns:repeat(auto-fit,minmax(300px,1fr));
+gap:10px;margin-top:12px}.legendrow{display:flex;
 flex-wrap:wrap;gap:12px;font-size:12px;margin-bottom:10px}
 """
 
@@ -286,6 +293,53 @@ def explain_section(run, info: DatasetInfo) -> str:
             "</section>")
 
 
+def sweep_sections(run) -> str:
+    """One section per Tune sweep of the run: best trials and metric-vs-parameter plots."""
+    out = []
+    for name in storage.listdir(run.path("sweeps")):
+        path = run.path("sweeps", name, "results.json")
+        if not storage.exists(path):
+            continue
+        res = storage.read_json(path)
+        trials = [t for t in res["trials"] if t.get("metric") is not None]
+        if not trials:
+            continue
+        sign = -1 if res["mode"] == "max" else 1
+        trials.sort(key=lambda t: sign * t["metric"])
+        keys = list(res["space"])
+        base = res.get("base") or {}
+        head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
+
+        def cell(v):
+            return f"{v:.4g}" if isinstance(v, float) else html.escape(json.dumps(v))
+        body = "".join(
+            f"<tr><td>{i + 1}{' (base)' if t.get('trial') == base.get('trial') else ''}</td>"
+            f"<td>{t['metric']:.3f}</td>" + "".join(f"<td>{cell(t['params'][k])}</td>"
+                                                     for k in keys) + "</tr>"
+            for i, t in enumerate(trials[:8]))
+        charts = []
+        for k in keys:
+            values = [t["params"][k] for t in trials]
+            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                xs, ticks = values, None
+            else:
+                cats = sorted({json.dumps(v) for v in values})
+                xs, ticks = [cats.index(json.dumps(v)) for v in values], cats
+            charts.append(line_chart({res["metric"]: (xs, [t["metric"] for t in trials])},
+                                     k, res["metric"], lines=False, width=340, height=220,
+                                     x_ticks=ticks))
+        base_txt = (f"; the base config scores {base['metric']:.3f}"
+                    if base.get("metric") is not None else "")
+        out.append(
+            f"<section><h2>Sweep {html.escape(name)}</h2><p class='muted'>"
+            f"{len(res['trials'])} trials of the {html.escape(res['trainable'])} trainable, "
+            f"{html.escape(res['search'])} search, {html.escape(res['metric'])} "
+            f"({res['mode']}){base_txt}. Best config: sweeps/{html.escape(name)}/best.yaml"
+            f"</p><table><tr><th>rank</th><th>{html.escape(res['metric'])}</th>{head}</tr>"
+            f"{body}</table><div class='charts'>{''.join(charts)}</div></section>")
+    return "".join(out)
+
+
 def render_page(run, info: DatasetInfo, metrics: dict, rows: list[dict]) -> str:
     cfg = run.config
     ev = metrics.get("evaluate", {})
@@ -341,6 +395,7 @@ def render_page(run, info: DatasetInfo, metrics: dict, rows: list[dict]) -> str:
             f"<div class='sub'>{sub}</div></header><main>"
             f"<div class='cards'>{cards_html}</div>"
             f"<div class='row2'>{charts}</div>{table}{explain_section(run, info)}"
+            f"{sweep_sections(run)}"
             f"<section><h2>Samples</h2><div class='legendrow'>{legend}</div>"
             f"<div class='gallery'>{gallery or '<p class=muted>no images</p>'}</div></section>"
             f"</main></body></html>")

@@ -135,6 +135,11 @@ class Run:
             raise
         storage.publish(tmp, final)
 
+    def attempt(self, name: str) -> str:
+        """Id of the current computation of a stage: kept when an interrupted stage is
+        resumed, new when it is recomputed (`--force`, other config or inputs)."""
+        return (self.stage_entry(name) or {}).get("attempt") or "0"
+
     def read_metrics(self) -> dict:
         p = self.path("metrics.json")
         return storage.read_json(p) if storage.exists(p) else {}

@@ -38,3 +38,24 @@ def cluster_cpus() -> int:
     import ray
 
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def project_error(exc: BaseException):
+    """The project's own error (DataError, ...) inside a Ray exception chain, if any.
+
+    Ray re-raises a failure in a task or actor as its own exception types that wrap the
+    original; the user should see the original one-line message naming the file or
+    row, not a remote traceback."""
+    from .errors import WsssError
+
+    seen = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, WsssError):
+            return e
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    return None

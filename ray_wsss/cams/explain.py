@@ -26,7 +26,7 @@ from ..data.dataset import label_matrix, open_dataset, read_table, vector_to_lab
 from ..errors import ConfigError, StageError
 from ..evaluate import ConfusionMatrix
 from ..run import Run
-from .methods import METHODS, MethodOptions, get_method
+from .methods import METHODS, get_method
 from .stage import actor_count, method_options
 from .xai import KEYS, xai_metrics, xai_sums
 
@@ -36,74 +36,56 @@ class Explainer:
 
     def __init__(self, model_dir: str, methods, scales, flip, thresholds, n_labels: int,
                  background: bool, sample_ids, threads: int = 1, use_gpu: bool = False,
-                 options: dict | None = None):
-        import torch
+                 options: dict | None = None, max_side: int | None = None):
+        from .predict import MapMaker
 
-        from ..models.classifier import load_classifier
-
-        torch.set_num_threads(max(1, threads))
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.model = load_classifier(model_dir, self.device).eval()
+        self.maker = MapMaker(model_dir, scales, flip, threads, use_gpu, options, max_side)
         self.methods = list(methods)
-        self.scales, self.flip = tuple(scales), flip
         self.thresholds = list(thresholds)
         self.n_labels, self.background = n_labels, background
         self.sample_ids = set(sample_ids)
-        self.options = MethodOptions(**(options or {}))
+
+    def _seed_confusion(self, maps, classes, mask, image_id) -> np.ndarray:
+        from ..refine.seeds import seed_mask, seed_sweep
+
+        gt = decode_mask(mask, f"mask of image_id {image_id}")
+        seeds = (seed_sweep(maps, classes, self.thresholds) if self.background
+                 else [seed_mask(maps, classes, 0.0, background=False)])
+        return np.stack([ConfusionMatrix(self.n_labels).update(gt, s).mat for s in seeds])
 
     def __call__(self, batch: dict) -> dict:
         import torch
 
-        from ..refine.seeds import seed_mask, seed_sweep
-        from .tta import tta_maps
-
-        n = len(batch["image_id"])
-        images = [decode_image(d, f"image_id {i}") for d, i in zip(batch["image"],
-                                                                     batch["image_id"])]
-        labels = label_matrix(batch["label_vector"])
-        m = len(self.methods)
-        t = len(self.thresholds) if self.background else 1
+        ids = batch["image_id"]
+        images = [decode_image(d, f"image_id {i}") for d, i in zip(batch["image"], ids)]
+        labelled = [vector_to_labels(v) - 1 for v in label_matrix(batch["label_vector"])]
+        detected = [np.flatnonzero(p > 0.5) for p in self.maker.probs(images)]
+        same = all(np.array_equal(a, b) for a, b in zip(detected, labelled))
+        m, t = len(self.methods), len(self.thresholds) if self.background else 1
         sums = np.zeros((1, m, len(KEYS)))
         conf = np.zeros((1, m, t, self.n_labels, self.n_labels + 1), np.int64)
         seconds = np.zeros((1, m))
         samples = []
-        by_shape: dict[tuple[int, int], list[int]] = {}
-        for i, img in enumerate(images):
-            by_shape.setdefault(img.shape[:2], []).append(i)
-        for idx in by_shape.values():
-            x = torch.from_numpy(np.stack([images[i] for i in idx])).to(self.device)
-            x = x.permute(0, 3, 1, 2).float()
-            with torch.no_grad():
-                probs = torch.sigmoid(self.model(x)).cpu().numpy()
-            detected = [np.flatnonzero(p > 0.5) for p in probs]
-            labelled = [vector_to_labels(labels[i]) - 1 for i in idx]
-            for mi, name in enumerate(self.methods):
-                fn = get_method(name)
-                t0 = time.perf_counter()
-                maps_det, _ = tta_maps(self.model, fn, x, detected, self.scales, self.flip,
-                                       self.options)
-                seconds[0, mi] += time.perf_counter() - t0
-                sums[0, mi] += xai_sums(self.model, x, maps_det, detected)
-                same = all(np.array_equal(a, b) for a, b in zip(detected, labelled))
-                maps_lab = maps_det if same else tta_maps(
-                    self.model, fn, x, labelled, self.scales, self.flip, self.options)[0]
-                for j, i in enumerate(idx):
-                    mask = batch["mask"][i]
-                    classes = labelled[j] + 1
-                    if mask is not None:
-                        gt = decode_mask(mask, f"mask of image_id {batch['image_id'][i]}")
-                        seeds = (seed_sweep(maps_lab[j], classes, self.thresholds)
-                                 if self.background else
-                                 [seed_mask(maps_lab[j], classes, 0.0, background=False)])
-                        for ti, seed in enumerate(seeds):
-                            conf[0, mi, ti] += ConfusionMatrix(self.n_labels).update(
-                                gt, seed).mat
-                    if batch["image_id"][i] in self.sample_ids:
-                        samples.append([str(batch["image_id"][i]), name,
-                                        base64.b64encode(encode_array(maps_lab[j])).decode()])
+        for mi, name in enumerate(self.methods):
+            fn = get_method(name)
+            t0 = time.perf_counter()
+            maps_det, _ = self.maker.maps(fn, images, detected)
+            seconds[0, mi] = time.perf_counter() - t0
+            # XAI metrics over the detected classes, image by image (sizes may differ)
+            for i, img in enumerate(images):
+                x = torch.from_numpy(img[None]).to(self.maker.device).permute(0, 3, 1, 2)
+                sums[0, mi] += xai_sums(self.maker.model, x.float(), [maps_det[i]],
+                                        [detected[i]])
+            maps_lab = maps_det if same else self.maker.maps(fn, images, labelled)[0]
+            for i, image_id in enumerate(ids):
+                if batch["mask"][i] is not None:
+                    conf[0, mi] += self._seed_confusion(maps_lab[i], labelled[i] + 1,
+                                                        batch["mask"][i], image_id)
+                if image_id in self.sample_ids:
+                    samples.append([str(image_id), name,
+                                    base64.b64encode(encode_array(maps_lab[i])).decode()])
         return {"sums": sums, "confusion": conf, "seconds": seconds,
-                "images": np.array([n]),
-                "samples": np.array([json.dumps(samples)])}
+                "images": np.array([len(ids)]), "samples": np.array([json.dumps(samples)])}
 
 
 def run_explain(config: PipelineConfig, run: Run, methods: list[str]) -> dict:
@@ -142,7 +124,7 @@ def run_explain(config: PipelineConfig, run: Run, methods: list[str]) -> dict:
             "flip": flip, "thresholds": thresholds, "n_labels": info.num_classes + 1,
             "background": info.background, "sample_ids": sample_ids,
             "threads": cfg.torch_threads or cfg.cpus_per_actor, "use_gpu": use_gpu,
-            "options": method_options(cfg)},
+            "options": method_options(cfg), "max_side": cfg.max_image_side},
         compute=ray.data.ActorPoolStrategy(size=actor_count(cfg)),
         batch_size=ecfg.batch_size, batch_format="numpy", num_cpus=cfg.cpus_per_actor,
         num_gpus=cfg.gpus_per_actor or None)

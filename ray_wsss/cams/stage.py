@@ -25,47 +25,25 @@ class CamPredictor:
     """Ray Data callable class: batch of dataset rows -> rows with `cam` and `probs`."""
 
     def __init__(self, model_dir: str, method: str, scales, flip: bool, threads: int = 1,
-                 use_gpu: bool = False, options: dict | None = None):
-        import torch
+                 use_gpu: bool = False, options: dict | None = None,
+                 max_side: int | None = None):
+        from .methods import get_method
+        from .predict import MapMaker
 
-        from ..models.classifier import load_classifier
-        from .methods import MethodOptions, get_method
-
-        torch.set_num_threads(max(1, threads))
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.model = load_classifier(model_dir, self.device).eval()
+        self.maker = MapMaker(model_dir, scales, flip, threads, use_gpu, options, max_side)
         self.method = get_method(method)
-        self.options = MethodOptions(**(options or {}))
-        self.scales = tuple(scales)
-        self.flip = flip
 
     def __call__(self, batch: dict) -> dict:
-        import torch
-
-        from .tta import tta_maps
-
-        n = len(batch["image_id"])
         images = [decode_image(d, f"image_id {i}") for d, i in zip(batch["image"],
                                                                      batch["image_id"])]
         vectors = label_matrix(batch["label_vector"])
-        cams: list[bytes | None] = [None] * n
-        probs = np.zeros((n, vectors.shape[1]), np.float32)
-        by_shape: dict[tuple[int, int], list[int]] = {}
-        for i, img in enumerate(images):
-            by_shape.setdefault(img.shape[:2], []).append(i)
-        for idx in by_shape.values():
-            x = torch.from_numpy(np.stack([images[i] for i in idx])).to(self.device)
-            x = x.permute(0, 3, 1, 2).float()
-            class_sets = [vector_to_labels(vectors[i]) - 1 for i in idx]
-            maps, p = tta_maps(self.model, self.method, x, class_sets, self.scales, self.flip,
-                               self.options)
-            for j, i in enumerate(idx):
-                cams[i] = encode_array(maps[j])
-                probs[i] = p[j]
+        maps, probs = self.maker.maps(self.method, images,
+                                      [vector_to_labels(v) - 1 for v in vectors])
         out = {k: batch[k] for k in PASSTHROUGH}
+        out["label_vector"] = vectors
         out["height"] = np.array([im.shape[0] for im in images], np.int32)
         out["width"] = np.array([im.shape[1] for im in images], np.int32)
-        out["cam"] = np.array(cams, dtype=object)
+        out["cam"] = np.array([encode_array(m) for m in maps], dtype=object)
         out["probs"] = probs
         return out
 
@@ -107,7 +85,8 @@ def cam_dataset(config, run: Run, model_dir: str | None = None, splits=None):
         fn_constructor_kwargs={"model_dir": model_dir or run.path("classifier"),
                                "method": cfg.method, "scales": cfg.scales, "flip": cfg.flip,
                                "threads": cfg.torch_threads or cfg.cpus_per_actor,
-                               "use_gpu": use_gpu, "options": method_options(cfg)},
+                               "use_gpu": use_gpu, "options": method_options(cfg),
+                               "max_side": cfg.max_image_side},
         compute=ray.data.ActorPoolStrategy(size=actor_count(cfg)),
         batch_size=cfg.batch_size, batch_format="numpy",
         num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor or None,

@@ -43,6 +43,7 @@ class Candidate:
     labels: list[int] | None = None          # given labels (CSV, XML); else from the mask
     mask_array: np.ndarray | None = None     # already decoded mask (COCO polygons)
     mask_fn: Callable[[int, int], np.ndarray] | None = None  # mask drawn at (h, w)
+    error: DataError | None = None           # known bad before reading (e.g. its name)
 
 
 @dataclass
@@ -62,14 +63,14 @@ class ImportResult:
     skipped: list[dict] = field(default_factory=list)
 
 
-def _fs_name(name: str, where: str) -> str:
-    """File names must be valid UTF-8 to become image ids (Arrow strings are UTF-8)."""
+def _bad_name(name: str, folder: str) -> DataError | None:
+    """Image ids are Arrow strings: a file name that is not valid UTF-8 cannot be one."""
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:
-        raise DataError("file name is not valid UTF-8; rename the file",
-                        path=repr(os.fsencode(where))) from None
-    return name
+        raw = os.fsencode(os.path.join(folder, name))
+        return DataError("file name is not valid UTF-8; rename the file", path=repr(raw)[2:-1])
+    return None
 
 
 def _read(path: str) -> bytes:
@@ -113,6 +114,8 @@ def _shrink(data: bytes, fmt: str, h: int, w: int, max_side: int, where: str
 
 
 def _process(c: Candidate, info: DatasetInfo, opts: ImportOptions) -> dict:
+    if c.error is not None:
+        raise c.error
     data = _read(c.image_path)
     h, w, fmt = _check_image(data, c.image_path)
     mask = None
@@ -200,11 +203,10 @@ def _find_images(folder: str) -> dict[str, str]:
     for name in sorted(os.listdir(folder)):
         stem, ext = os.path.splitext(name)
         if ext.lower() in IMAGE_EXTS and os.path.isfile(os.path.join(folder, name)):
-            full = os.path.join(folder, name)
             if stem in found:
                 raise DataError(f"two image files share the id {stem!r} "
                                 f"({os.path.basename(found[stem])}, {name})", path=folder)
-            found[_fs_name(stem, full)] = full
+            found[stem] = os.path.join(folder, name)
     return found
 
 
@@ -384,6 +386,11 @@ def folder_candidates(subsets: Sequence[tuple[str, str, str | None]],
             keep = set(_read_ids(ids_files[i]))
         for image_id, path in images.items():
             if keep is not None and image_id not in keep:
+                continue
+            bad = _bad_name(os.path.basename(path), images_dir)
+            if bad is not None:
+                cands.append(Candidate(image_id.encode("utf-8", "backslashreplace").decode(),
+                                       path, split, error=bad))
                 continue
             given, row_split = labels.get(image_id, (None, None))
             if labels_csv is not None and given is None and masks_dir is None:

@@ -24,6 +24,7 @@ from ..data.dataset import dataset_counts, open_dataset
 from ..data.transforms import EvalTransform, TrainTransform
 from ..errors import StageError
 from ..run import Run
+from ..runtime import project_error
 
 
 def lr_at(step: int, total: int, base: float, warmup: int) -> float:
@@ -65,7 +66,7 @@ def train_loop(loop_config: dict) -> None:
                               weight_decay=cfg.weight_decay)
     else:
         opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start_epoch, history = 0, []
+    start_epoch, history, restarts = 0, [], 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -74,7 +75,9 @@ def train_loop(loop_config: dict) -> None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start_epoch, history = state["epoch"] + 1, state["history"]
-        print(f"[classifier] resuming from the checkpoint of epoch {state['epoch'] + 1}")
+        restarts = state.get("restarts", 0) + 1
+        print(f"[classifier] resuming from the checkpoint of epoch {state['epoch'] + 1} "
+              f"(restart {restarts})")
     model = ray.train.torch.prepare_model(model)
     plain = getattr(model, "module", model)
     device = ray.train.torch.get_device()
@@ -112,14 +115,15 @@ def train_loop(loop_config: dict) -> None:
         metrics = {"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else math.nan,
                    "lr": lr_at(step, total, cfg.lr, warmup), "steps": len(losses),
                    "epoch_seconds": round(time.time() - t0, 2),
-                   "data_wait_seconds": round(waited, 2)}
+                   "data_wait_seconds": round(waited, 2), "restarts": restarts}
         if rank == 0 and loop_config["has_val"]:
             metrics.update(_validate(plain, val_batches, average_precision))
         history.append(metrics)
         if rank == 0:
             with tempfile.TemporaryDirectory() as d:
                 torch.save({"model": plain.state_dict(), "optimizer": opt.state_dict(),
-                            "epoch": epoch, "history": history}, os.path.join(d, "state.pt"))
+                            "epoch": epoch, "history": history, "restarts": restarts},
+                           os.path.join(d, "state.pt"))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics)
@@ -170,12 +174,14 @@ def _validate(model, batches, average_precision) -> dict:
     return {"val_loss": float(np.mean(losses)), "val_map": float(np.nanmean(ap)) * 100}
 
 
-def run(config, run: Run) -> dict:
-    """Fit the classifier and export it to `<run>/classifier/model.{pt,json}`."""
+def make_trainer(config, run: Run, name: str, storage_path: str, callbacks=None):
+    """The TorchTrainer of the classifier fit: Ray Data pipelines, scaling, checkpoints.
+
+    `name` + `storage_path` identify the Ray Train run: the same pair again resumes it."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from ..models.classifier import build_classifier, save_classifier
+    from ..models.classifier import build_classifier
 
     cfg: ClassifierConfig = config.classifier
     info = run.dataset_info()
@@ -202,35 +208,44 @@ def run(config, run: Run) -> dict:
             EvalTransform(cfg.crop_size), batch_format="numpy", batch_size=16)
     # Fail on a bad backbone name or a missing weight file here, not inside the workers.
     build_classifier(config.model, info.num_classes)
-
-    stage_dir = run.path("classifier")
-    name = f"fit-{run.current_hash('classifier')}"
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop,
         train_loop_config={"classifier": to_dict(cfg), "model": to_dict(config.model),
                            "num_classes": info.num_classes, "num_train": num_train,
-                           "kur": config.head.kur,
-                           "has_val": has_val,
+                           "kur": config.head.kur, "has_val": has_val,
                            "threads": cfg.torch_threads or cfg.cpus_per_worker},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
             resources_per_worker={"CPU": cfg.cpus_per_worker,
                                   **({"GPU": 1} if cfg.use_gpu else {})}),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=storage.join(stage_dir, "ray_train"),
+            name=name, storage_path=storage_path,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
+
+
+def run(config, run: Run) -> dict:
+    """Fit the classifier and export it to `<run>/classifier/model.{pt,json}`."""
+    import torch
+
+    from ..models.classifier import build_classifier, save_classifier
+
+    info = run.dataset_info()
+    stage_dir = run.path("classifier")
+    # A rerun of an interrupted fit has the same attempt id, so Ray Train finds the run
+    # and resumes from its last checkpoint; a recomputation gets a fresh name.
+    name = f"fit-{run.current_hash('classifier')}-{run.attempt('classifier')}"
+    trainer = make_trainer(config, run, name, storage.join(stage_dir, "ray_train"))
     try:
         result = trainer.fit()
     except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors in several types
-        raise StageError(f"classifier training failed: {exc}") from exc
+        raise project_error(exc) or StageError(f"classifier training failed: {exc}") from exc
     if result.checkpoint is None:
         raise StageError("classifier training ended without a checkpoint")
-
-    import torch
     with result.checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
     model = build_classifier(config.model, info.num_classes, pretrained=False,
@@ -238,6 +253,10 @@ def run(config, run: Run) -> dict:
     model.load_state_dict(state["model"])
     save_classifier(model, config.model, stage_dir, info.classes,
                     {"epochs": state["epoch"] + 1})
+    train_root = storage.join(stage_dir, "ray_train")
+    for old in storage.listdir(train_root):  # checkpoints of earlier computations
+        if old.startswith("fit-") and old != name:
+            storage.remove(storage.join(train_root, old))
     storage.write_json_atomic(storage.join(stage_dir, "history.json"), state["history"])
     last = state["history"][-1]
     summary = {k: last[k] for k in ("loss", "val_map", "epoch") if k in last}

@@ -1,0 +1,452 @@
+"""Ray Tune sweeps over any config keys: `ray-wsss sweep NAME CONFIG.yaml`.
+
+A sweep is a YAML file (tuning/NAME.yaml): which trainable runs a trial, the metric, the
+search algorithm and a search space of dotted config keys:
+
+```
+trainable: refine            # refine | classifier | pipeline
+metric: crf_miou
+mode: max
+num_samples: 24
+search: optuna               # optuna | hyperopt | random
+scheduler: null              # asha: early stopping on the metric reported each epoch
+space:
+  seeds.background_threshold: {uniform: [0.05, 0.6]}
+  crf.iterations: {randint: [3, 12]}
+  cams.scales: {choice: [[1.0], [1.0, 0.5, 1.5]]}
+```
+
+Trainables:
+- `refine`: seeds + dense CRF + evaluation on stored maps of the images with ground
+  truth (keys of `seeds`, `crf`, and the TTA `cams.scales` / `cams.flip`). Cheap: the
+  maps are computed once per sweep for every scale and flip (`cam_cache/`), and a trial
+  only combines the ones it needs.
+- `classifier`: one Ray Train fit per trial (keys of `model`, `head`, `classifier`),
+  reporting val mAP every epoch, so ASHA can stop the poor ones early.
+- `pipeline`: the whole pipeline in a trial's own run directory on the base run's
+  dataset (any key): the general case, and the costliest.
+
+The first trial is the base config itself, so the sweep's best is never worse than it.
+Trials report to Tune and as Ray metrics (`ray_wsss_trial_metric`, charted in the
+dashboard where Prometheus/Grafana are set up). Results land in <run>/sweeps/NAME/:
+results.json / .csv, best.yaml (a config `ray-wsss run` accepts) and Tune's own files; a
+sweep whose driver died resumes with `Tuner.restore` when started again.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import yaml
+
+from . import storage
+from .config import PipelineConfig, apply_override, from_dict, to_dict
+from .errors import ConfigError, StageError
+from .run import Run
+
+TRAINABLE_SECTIONS = {
+    "refine": ("seeds.", "crf.", "cams.scales", "cams.flip"),
+    "classifier": ("model.", "head.", "classifier."),
+    "pipeline": ("",),
+}
+SWEEP_DIRS = ("tuning",)
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    trainable: str
+    metric: str
+    space: dict[str, dict]
+    mode: str = "max"
+    num_samples: int = 16
+    search: str = "optuna"
+    scheduler: str | None = None
+    grace_period: int = 1
+    max_concurrent: int = 2
+    cpus_per_trial: float = 1.0
+    description: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def digest(self) -> str:
+        blob = json.dumps({"trainable": self.trainable, "metric": self.metric,
+                           "space": self.space, "search": self.search}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def find_spec(name: str) -> str:
+    """A sweep file: NAME as a path, else tuning/NAME.yaml in the working directory or
+    beside the package (a source checkout, or a `ray job submit --working-dir`)."""
+    if os.path.isfile(name):
+        return name
+    here = os.path.dirname(os.path.abspath(__file__))
+    for base in (os.getcwd(), os.path.dirname(here)):
+        for d in SWEEP_DIRS:
+            path = os.path.join(base, d, f"{name}.yaml")
+            if os.path.isfile(path):
+                return path
+    raise ConfigError(f"no sweep {name!r}: expected a YAML file or tuning/{name}.yaml")
+
+
+def load_spec(name: str, overrides: dict | None = None) -> SweepSpec:
+    path = find_spec(name)
+    with open(path, encoding="utf-8") as fh:
+        data = yaml.safe_load(fh) or {}
+    data.update(overrides or {})
+    known = set(SweepSpec.__dataclass_fields__) - {"name", "extra"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown sweep key {unknown[0]!r} "
+                          f"(known: {', '.join(sorted(known))})")
+    for key in ("trainable", "metric", "space"):
+        if key not in data:
+            raise ConfigError(f"{path}: a sweep needs {key!r}")
+    spec = SweepSpec(name=os.path.splitext(os.path.basename(path))[0], **data)
+    if spec.trainable not in TRAINABLE_SECTIONS:
+        raise ConfigError(f"{path}: trainable must be one of {', '.join(TRAINABLE_SECTIONS)}")
+    if spec.mode not in ("max", "min"):
+        raise ConfigError(f"{path}: mode must be max or min")
+    for key, dom in spec.space.items():
+        if not key.startswith(TRAINABLE_SECTIONS[spec.trainable]):
+            raise ConfigError(f"{path}: key {key} cannot vary in a {spec.trainable} sweep "
+                              f"(allowed: {', '.join(TRAINABLE_SECTIONS[spec.trainable])})")
+        if not isinstance(dom, dict) or len(dom) != 1:
+            raise ConfigError(f"{path}: space.{key} must be one of "
+                              "{uniform|loguniform|randint|choice|grid: [...]}")
+    return spec
+
+
+# ---------------------------------------------------------------- search space
+
+def _encode(v: Any) -> Any:
+    """Tune / Optuna categories must be plain values: lists travel as JSON strings."""
+    return json.dumps(v) if isinstance(v, (list, tuple, dict)) else v
+
+
+def _decode(v: Any) -> Any:
+    if isinstance(v, str) and v[:1] in "[{":
+        return json.loads(v)
+    return v
+
+
+def tune_space(spec: SweepSpec) -> dict:
+    from ray import tune
+
+    out = {}
+    for key, dom in spec.space.items():
+        (kind, args), = dom.items()
+        if kind == "uniform":
+            out[key] = tune.uniform(*args)
+        elif kind == "loguniform":
+            out[key] = tune.loguniform(*args)
+        elif kind == "quniform":
+            out[key] = tune.quniform(*args)
+        elif kind == "randint":  # inclusive bounds in the YAML
+            out[key] = tune.randint(args[0], args[1] + 1)
+        elif kind == "choice":
+            out[key] = tune.choice([_encode(a) for a in args])
+        elif kind == "grid":
+            out[key] = tune.grid_search([_encode(a) for a in args])
+        else:
+            raise ConfigError(f"sweep space.{key}: unknown domain {kind!r}")
+    return out
+
+
+def base_point(spec: SweepSpec, config: PipelineConfig) -> dict:
+    """The current config's values of the swept keys (the first trial)."""
+    flat = to_dict(config)
+    point = {}
+    for key in spec.space:
+        node = flat
+        for part in key.split("."):
+            node = node[part]
+        point[key] = _encode(node)
+    return point
+
+
+def apply_point(config: PipelineConfig, point: dict, **extra: Any) -> PipelineConfig:
+    data = copy.deepcopy(to_dict(config))
+    for key, value in {**point, **extra}.items():
+        apply_override(data, f"{key}={json.dumps(_decode(value))}")
+    return from_dict(PipelineConfig, data)
+
+
+def _searcher(spec: SweepSpec, points: list[dict]):
+    if spec.search == "optuna":
+        try:
+            from ray.tune.search.optuna import OptunaSearch
+
+            import optuna  # noqa: F401
+        except ImportError:
+            raise ConfigError("search: optuna needs `pip install 'ray-wsss[sweeps]'`") from None
+        return OptunaSearch(metric=spec.metric, mode=spec.mode, points_to_evaluate=points)
+    if spec.search == "hyperopt":
+        try:
+            from ray.tune.search.hyperopt import HyperOptSearch
+        except ImportError:
+            raise ConfigError("search: hyperopt needs `pip install hyperopt`") from None
+        return HyperOptSearch(metric=spec.metric, mode=spec.mode, points_to_evaluate=points)
+    if spec.search == "random":
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+        return BasicVariantGenerator(points_to_evaluate=points)
+    raise ConfigError(f"search must be optuna, hyperopt or random, not {spec.search!r}")
+
+
+# ---------------------------------------------------------------- trainables
+
+def _report_metrics(sweep: str, metrics: dict) -> None:
+    """Every numeric result as a Ray metric too (Prometheus / the dashboard's Metrics)."""
+    from ray import tune
+    from ray.util.metrics import Gauge
+
+    trial = tune.get_context().get_trial_id() or "?"
+    gauge = Gauge("ray_wsss_trial_metric", description="ray-wsss sweep trial results",
+                  tag_keys=("sweep", "trial", "metric"))
+    for k, v in metrics.items():
+        if isinstance(v, (int, float)) and np.isfinite(v):
+            gauge.set(float(v), tags={"sweep": sweep, "trial": trial, "metric": k})
+
+
+def refine_trial(point: dict, ctx: dict) -> None:
+    """Seeds + CRF + metrics for one point, on the sweep's cached per-scale maps."""
+    from ray import tune
+
+    from .data.codecs import decode_array, decode_image, decode_mask
+    from .data.dataset import read_table, vector_to_labels
+    from .evaluate import ConfusionMatrix
+    from .refine.crf import crf_mask
+    from .refine.seeds import seed_mask
+    from .cams.tta import normalise
+
+    config = apply_point(ctx["config"], point)
+    scales, flip = list(config.cams.scales), config.cams.flip
+    cached = ctx["scales"]
+    if not set(scales) <= set(cached) or (flip and not ctx["flip"]):
+        raise StageError(f"the map cache holds scales {cached}, flip {ctx['flip']}; "
+                         f"the trial wants {scales}, flip {flip}")
+    pick = [cached.index(s) for s in scales]
+    n = ctx["n_labels"]
+    seeds, crfs = ConfusionMatrix(n), ConfusionMatrix(n)
+    table = read_table(ctx["cache"], ["image_id", "image", "mask", "label_vector", "raw"])
+    for row in table.to_pylist():
+        raw = decode_array(row["raw"]).astype(np.float32)[pick]
+        maps = normalise((raw if flip else raw[:, :1]).sum(axis=(0, 1)))
+        classes = vector_to_labels(row["label_vector"])
+        gt = decode_mask(row["mask"])
+        s = config.seeds
+        seeds.update(gt, seed_mask(maps, classes, s.background_threshold, s.background_power,
+                                   ctx["background"]))
+        crfs.update(gt, crf_mask(decode_image(row["image"]), maps, classes, config.crf,
+                                 s.background_threshold, s.background_power,
+                                 ctx["background"]))
+    exclude = () if ctx["background"] else (0,)
+    metrics = {"seed_miou": 100 * seeds.metrics(exclude=exclude)["miou"],
+               "crf_miou": 100 * crfs.metrics(exclude=exclude)["miou"],
+               "images": table.num_rows}
+    _report_metrics(ctx["sweep"], metrics)
+    tune.report(metrics)
+
+
+def classifier_trial(point: dict, ctx: dict) -> None:
+    """One Ray Train fit; val mAP flows to Tune each epoch (ASHA may stop it)."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from .train.classifier import make_trainer
+
+    config = apply_point(ctx["config"], point)
+    run = Run(config, ctx["run_root"])
+    trial = tune.get_context().get_trial_id()
+    trainer = make_trainer(config, run, name=f"trial-{trial}",
+                           storage_path=storage.join(ctx["sweep_dir"], "fits"),
+                           callbacks=[TuneReportCallback()])
+    result = trainer.fit()
+    if result.metrics:
+        _report_metrics(ctx["sweep"], result.metrics)
+
+
+def pipeline_trial(point: dict, ctx: dict) -> None:
+    """The whole pipeline in the trial's own run directory, on the base run's dataset."""
+    from ray import tune
+
+    from .pipeline import run_pipeline
+
+    trial = tune.get_context().get_trial_id()
+    root = storage.join(ctx["sweep_dir"], "runs", trial)
+    config = apply_point(ctx["config"], point, **{
+        "data.source": "parquet", "data.path": ctx["dataset"], "run_dir": root,
+        "report.num_images": 0})
+    run = run_pipeline(config, run_dir=root)
+    ev = run.read_metrics().get("evaluate", {})
+    metrics = {"seed_miou": 100 * ev.get("cams", {}).get("best", {}).get("miou", np.nan),
+               "crf_miou": 100 * ev.get("crf", {}).get("miou", np.nan),
+               "val_map": run.read_metrics().get("classifier", {}).get("val_map", np.nan)}
+    _report_metrics(ctx["sweep"], metrics)
+    tune.report(metrics)
+
+
+TRIALS = {"refine": refine_trial, "classifier": classifier_trial, "pipeline": pipeline_trial}
+
+
+# ---------------------------------------------------------------- the map cache
+
+class _RawMaps:
+    """Ray Data callable class: images with ground truth -> per-scale, per-flip maps."""
+
+    def __init__(self, model_dir, method, scales, flip, threads, options, max_side):
+        from .cams.methods import get_method
+        from .cams.predict import MapMaker
+
+        self.maker = MapMaker(model_dir, scales, flip, threads, False, options, max_side)
+        self.method = get_method(method)
+
+    def __call__(self, batch: dict) -> dict:
+        from .data.codecs import decode_image, encode_array
+        from .data.dataset import label_matrix, vector_to_labels
+
+        images = [decode_image(d, f"image_id {i}") for d, i in zip(batch["image"],
+                                                                     batch["image_id"])]
+        vectors = label_matrix(batch["label_vector"])
+        raw = self.maker.raw_maps(self.method, images, [vector_to_labels(v) - 1
+                                                         for v in vectors])
+        return {"image_id": batch["image_id"], "image": batch["image"], "mask": batch["mask"],
+                "label_vector": vectors,
+                "raw": np.array([encode_array(r, np.float32) for r in raw], dtype=object)}
+
+
+def _cache_scales(spec: SweepSpec, config: PipelineConfig) -> tuple[list[float], bool]:
+    scales, flip = set(config.cams.scales), config.cams.flip
+    dom = spec.space.get("cams.scales")
+    if dom:
+        for choice in next(iter(dom.values())):
+            scales |= set(_decode(choice) if isinstance(choice, str) else choice)
+    if "cams.flip" in spec.space:
+        flip = True
+    return sorted(scales, key=lambda s: (s != 1.0, s)), flip
+
+
+def build_cache(config: PipelineConfig, run: Run, path: str, scales, flip) -> None:
+    import ray.data
+
+    from .cams.stage import actor_count, method_options
+    from .data.dataset import open_dataset
+
+    cfg = config.cams
+    ds = open_dataset(run.dataset_path, ["image_id", "image", "mask", "label_vector"],
+                      list(config.evaluate.splits), require=("mask",),
+                      rows_per_block=cfg.batch_size)
+    out = ds.map_batches(
+        _RawMaps, fn_constructor_kwargs={
+            "model_dir": run.path("classifier"), "method": cfg.method, "scales": scales,
+            "flip": flip, "threads": cfg.torch_threads or cfg.cpus_per_actor,
+            "options": method_options(cfg), "max_side": cfg.max_image_side},
+        compute=ray.data.ActorPoolStrategy(size=actor_count(cfg)),
+        batch_size=cfg.batch_size, batch_format="numpy", num_cpus=cfg.cpus_per_actor)
+    tmp = storage.temp_sibling(path)
+    out.write_parquet(tmp)
+    storage.publish(tmp, path)
+
+
+# ---------------------------------------------------------------- driver
+
+def run_sweep(config: PipelineConfig, run: Run, spec: SweepSpec, force: bool = False) -> dict:
+    """Run (or resume) a sweep; returns {"rows": [...], "best": {...}, "dir": ...}."""
+    from ray import tune
+
+    sweep_dir = run.path("sweeps", spec.name)
+    needs = {"refine": "classifier", "classifier": "dataset", "pipeline": "dataset"}
+    if not run.is_done(needs[spec.trainable]):
+        raise StageError(f"sweep {spec.name}: stage {needs[spec.trainable]} must be finished "
+                         f"in {run.root} first (ray-wsss run)")
+    info = run.dataset_info()
+    exp = f"{spec.name}-{spec.digest()}"
+    tune_dir = storage.join(sweep_dir, "tune")
+    if force:
+        storage.remove(sweep_dir)
+    storage.makedirs(sweep_dir)
+    ctx = {"config": config, "sweep": spec.name, "sweep_dir": sweep_dir, "run_root": run.root,
+           "dataset": run.dataset_path, "n_labels": info.num_classes + 1,
+           "background": info.background}
+    if spec.trainable == "refine":
+        scales, flip = _cache_scales(spec, config)
+        cache = storage.join(sweep_dir, f"cam_cache-{spec.digest()}")
+        if not storage.exists(cache):
+            print(f"[ray-wsss] sweep {spec.name}: computing maps of the evaluation images "
+                  f"for scales {scales}{' + flip' if flip else ''}", flush=True)
+            build_cache(config, run, cache, scales, flip)
+        ctx.update(cache=cache, scales=scales, flip=flip)
+    trainable = tune.with_parameters(TRIALS[spec.trainable], ctx=ctx)
+    trainable = tune.with_resources(trainable, {"cpu": spec.cpus_per_trial})
+    path = storage.join(tune_dir, exp)
+    if not force and tune.Tuner.can_restore(path):
+        print(f"[ray-wsss] sweep {spec.name}: resuming {path}", flush=True)
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True,
+                                   restart_errored=True)
+    else:
+        scheduler = None
+        if spec.scheduler == "asha":
+            from ray.tune.schedulers import ASHAScheduler
+            scheduler = ASHAScheduler(metric=spec.metric, mode=spec.mode,
+                                      grace_period=spec.grace_period,
+                                      max_t=max(config.classifier.epochs, spec.grace_period))
+        elif spec.scheduler is not None:
+            raise ConfigError(f"sweep {spec.name}: scheduler must be asha or null")
+        tuner = tune.Tuner(
+            trainable, param_space=tune_space(spec),
+            tune_config=tune.TuneConfig(
+                search_alg=_searcher(spec, [base_point(spec, config)]), scheduler=scheduler,
+                num_samples=spec.num_samples, max_concurrent_trials=spec.max_concurrent,
+                **({} if scheduler else {"metric": spec.metric, "mode": spec.mode})),
+            run_config=tune.RunConfig(name=exp, storage_path=tune_dir, verbose=1))
+    grid = tuner.fit()
+    return _collect(config, run, spec, grid, sweep_dir)
+
+
+def _collect(config, run: Run, spec: SweepSpec, grid, sweep_dir: str) -> dict:
+    rows = []
+    for r in grid:
+        point = {k: _decode(r.config.get(k)) for k in spec.space}
+        m = r.metrics or {}
+        row = {"trial": m.get("trial_id"), "params": point,
+               "metric": m.get(spec.metric), "epochs": m.get("training_iteration"),
+               "metrics": {k: v for k, v in m.items()
+                           if isinstance(v, (int, float)) and not k.startswith(
+                               ("time_", "timestamp", "pid", "training_iteration"))},
+               "error": str(r.error)[:300] if r.error else None}
+        rows.append(row)
+    good = [r for r in rows if r["metric"] is not None and np.isfinite(r["metric"])]
+    if not good:
+        raise StageError(f"sweep {spec.name}: no trial finished (see {sweep_dir})")
+    sign = 1 if spec.mode == "max" else -1
+    good.sort(key=lambda r: -sign * r["metric"])
+    best = good[0]
+    default = base_point(spec, config)
+    base = next((r for r in rows if r["params"] == {k: _decode(v) for k, v in default.items()}),
+                None)
+    best_config = apply_point(config, {k: _encode(v) for k, v in best["params"].items()})
+    results = {"name": spec.name, "trainable": spec.trainable, "metric": spec.metric,
+               "mode": spec.mode, "search": spec.search, "space": spec.space,
+               "best": best, "base": base, "trials": rows}
+    storage.write_json_atomic(storage.join(sweep_dir, "results.json"), results)
+    buf = io.StringIO()
+    keys = list(spec.space)
+    w = csv.writer(buf)
+    w.writerow(["trial", spec.metric, *keys, "error"])
+    for r in rows:
+        w.writerow([r["trial"], r["metric"], *[json.dumps(r["params"][k]) for k in keys],
+                    r["error"] or ""])
+    storage.write_bytes_atomic(storage.join(sweep_dir, "results.csv"), buf.getvalue().encode())
+    header = (f"# best of sweep {spec.name}: {spec.metric} = {best['metric']:.4g} "
+              f"({len(good)} trials); run it with `ray-wsss run <this file>`\n")
+    storage.write_bytes_atomic(storage.join(sweep_dir, "best.yaml"), (header + yaml.safe_dump(
+        to_dict(best_config), sort_keys=False)).encode())
+    run.write_metrics(f"sweep:{spec.name}", {"best": best, "base": base, "trials": len(rows)})
+    return {"rows": rows, "best": best, "base": base, "dir": sweep_dir,
+            "best_yaml": storage.join(sweep_dir, "best.yaml")}
