@@ -1,6 +1,7 @@
 """Connecting to Ray: a local instance on a laptop, the cluster under `ray job submit`."""
 from __future__ import annotations
 
+import copy
 import os
 
 from .config import RayConfig
@@ -32,6 +33,10 @@ def configure_data(cfg: RayConfig) -> None:
     ctx.enable_operator_progress_bars = cfg.progress_bars
     # Stage outputs are read back in whatever order; keep Ray Data's default streaming.
     ctx.execution_options.preserve_order = False
+    # A DataError raised in a UDF (a corrupt image in row X) must reach the driver as
+    # itself: wrapped in Ray Data's UserCodeException its type and cause are lost in
+    # serialisation, and the user would see a remote traceback instead of one line.
+    ctx.raise_original_map_exception = True
 
 
 def cluster_cpus() -> int:
@@ -46,6 +51,8 @@ def project_error(exc: BaseException):
     Ray re-raises a failure in a task or actor as its own exception types that wrap the
     original; the user should see the original one-line message naming the file or
     row, not a remote traceback."""
+    from ray.exceptions import RayError
+
     from .errors import WsssError
 
     seen = set()
@@ -55,7 +62,22 @@ def project_error(exc: BaseException):
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, WsssError):
-            return e
+        # RayTaskError(DataError) is both; its text is the remote traceback, and its
+        # `cause` is the original error
+        if isinstance(e, WsssError) and not isinstance(e, RayError):
+            return _without_retry_note(e)
         todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
     return None
+
+
+def _without_retry_note(exc):
+    """Ray Data appends its retry advice ("Failed to apply UDF transform after 1/1
+    attempts ...") to the message of an exception raised in a UDF; the project's
+    errors are not transient, so the one line naming the row is what the user gets."""
+    text = str(exc)
+    cut = text.find("\nFailed to ")
+    if cut < 0:
+        return exc
+    clean = copy.copy(exc)
+    clean.args = (text[:cut],)
+    return clean

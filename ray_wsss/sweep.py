@@ -185,7 +185,7 @@ def _searcher(spec: SweepSpec, points: list[dict]):
 
             import optuna  # noqa: F401
         except ImportError:
-            raise ConfigError("search: optuna needs `pip install 'ray-wsss[sweeps]'`") from None
+            raise ConfigError("search: optuna needs `pip install optuna` (a dependency of ray-wsss)") from None
         return OptunaSearch(metric=spec.metric, mode=spec.mode, points_to_evaluate=points)
     if spec.search == "hyperopt":
         try:

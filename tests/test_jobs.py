@@ -54,25 +54,20 @@ def ray_cluster():
 
 
 def _client(address, env):
+    """A JobSubmissionClient that presents the cluster's token, as a user of a remote
+    cluster does. (Not through RAY_AUTH_TOKEN: Ray caches the token of the first cluster
+    this process touched, the session's local Ray.)"""
     from ray.job_submission import JobSubmissionClient
 
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
-    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=env["RAY_AUTH_TOKEN"])
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                return JobSubmissionClient(address)
-            except Exception:  # noqa: BLE001 - the dashboard is still starting
-                if time.time() > deadline:
-                    raise
-                time.sleep(1)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    headers = {"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"}
+    deadline = time.time() + 90
+    while True:
+        try:
+            return JobSubmissionClient(address, headers=headers)
+        except Exception:  # noqa: BLE001 - the dashboard is still starting
+            if time.time() > deadline:
+                raise
+            time.sleep(1)
 
 
 def test_unauthenticated_requests_are_refused(ray_cluster):
