@@ -9,6 +9,7 @@
     ray-wsss import folder PATH [--labels CSV] [--masks DIR] --classes NAMES --out DIR
     ray-wsss import coco INSTANCES.json --images DIR --out DIR
     ray-wsss metrics RUN_DIR
+    ray-wsss config [CONFIG.yaml] [key.sub=value ...]   (every key, defaults included)
 
 Errors of the project's own types print as one line naming the file, row or key.
 """
@@ -40,6 +41,19 @@ def cmd_demo(args) -> int:
     args.config = DEMO_CONFIG
     run = run_pipeline(_config(args), force=args.force)
     print_summary(run.root)
+    return 0
+
+
+def cmd_config(args) -> int:
+    """Print the resolved config: every key of every section, defaults included."""
+    import yaml
+
+    from .config import to_dict
+
+    if args.config and "=" in args.config and not os.path.exists(args.config):
+        args.overrides, args.config = [args.config, *args.overrides], None
+    args.config = args.config or DEMO_CONFIG
+    print(yaml.safe_dump(to_dict(_config(args)), sort_keys=False, width=90), end="")
     return 0
 
 
@@ -223,6 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     run_args(q)
     q.add_argument("--samples", type=int, help="number of trials (overrides the sweep file)")
     q.set_defaults(fn=cmd_sweep)
+    q = sub.add_parser("config", help="print a config with every key (defaults included)")
+    q.add_argument("config", nargs="?", help="YAML config file (default: the demo's)")
+    q.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    q.set_defaults(fn=cmd_config)
     q = sub.add_parser("metrics", help="print a run's evaluation table")
     q.add_argument("run_dir")
     q.set_defaults(fn=cmd_metrics)

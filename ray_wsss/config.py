@@ -81,6 +81,58 @@ class HeadConfig:
 
 
 @dataclass(frozen=True)
+class PuzzleConfig:
+    """Puzzle-CAM (Jo and Yu 2021): 2x2 tiles of the image, their class maps re-assembled;
+    classification of both plus alpha * L1(full maps, re-assembled maps) on the image's
+    classes. alpha 0: off. alpha ramps linearly from 0 over `alpha_schedule` of training."""
+    alpha: float = 0.0
+    alpha_schedule: float = 0.5
+
+
+@dataclass(frozen=True)
+class OcCseConfig:
+    """OC-CSE (Kweon et al. 2021): a random class of each image is erased with the model's
+    own CAM; a fixed ordinary classifier (`oc_model`: the classifier folder of an earlier
+    run) must then not find it: weight * BCE(OC(erased), labels without it). The weight
+    ramps from `weight_init` to `weight` over training. weight 0: off."""
+    weight: float = 0.0
+    weight_init: float = 0.3
+    oc_model: str | None = None
+
+
+@dataclass(frozen=True)
+class PnocConfig:
+    """P-NOC (David et al. 2024): Puzzle + OC-CSE with the OC trained adversarially in
+    alternating steps: it learns to find the erased class in what the CAM left, weight
+    ramping 0 -> `oc_weight`; its input keeps pixels whose normalised CAM <= threshold."""
+    enabled: bool = False
+    oc_weight: float = 0.5
+    mask_threshold: float = 0.2
+    oc_lr_scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class McisConfig:
+    """MCIS (Sun et al. 2020) in training: image pairs that share a class, co-attention
+    classification on the shared classes, contrastive co-attention on the others."""
+    enabled: bool = False
+    co_weight: float = 1.0
+    contrast_weight: float = 1.0
+    contrast_from_epoch: int = 2  # 1-based; the complementary loss joins from this epoch
+    # partners are drawn from the current batch and the last `pair_pool` images of the
+    # training worker (train/pairs.py)
+    pair_pool: int = 64
+
+
+@dataclass(frozen=True)
+class RegularizersConfig:
+    puzzle: PuzzleConfig = field(default_factory=PuzzleConfig)
+    oc_cse: OcCseConfig = field(default_factory=OcCseConfig)
+    pnoc: PnocConfig = field(default_factory=PnocConfig)
+    mcis: McisConfig = field(default_factory=McisConfig)
+
+
+@dataclass(frozen=True)
 class ClassifierConfig:
     """Multi-label classifier fitting on Ray Train."""
     epochs: int = 12
@@ -123,6 +175,12 @@ class CamConfig:
     scorecam_batch: int = 64   # masked images per forward pass of Score-CAM
     # larger images are shrunk for the network (maps are resized back to the image)
     max_image_side: int | None = 1024
+    # MCIS co-segmentation (needs a classifier trained with regularizers.mcis): for each
+    # class of an image, the co-attention maps with N peers holding it are averaged with
+    # the image's own map. Peers come from a bank of `mcis_bank` train images per class.
+    mcis_peers: int = 0
+    mcis_bank: int = 8
+    seed: int = 0
     batch_size: int = 16
     # resources
     num_actors: int | None = None  # null: one per GPU, or CPUs - 1 (reads need a CPU)
@@ -197,6 +255,7 @@ class PipelineConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
+    regularizers: RegularizersConfig = field(default_factory=RegularizersConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     cams: CamConfig = field(default_factory=CamConfig)
     seeds: SeedConfig = field(default_factory=SeedConfig)

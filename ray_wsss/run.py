@@ -27,7 +27,8 @@ from .errors import StageError
 # name: (config sections that decide its result, upstream stages, outputs in the run dir)
 STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
     "dataset": (("data",), (), ("dataset",)),
-    "classifier": (("model", "head", "classifier"), ("dataset",), ("classifier",)),
+    "classifier": (("model", "head", "regularizers", "classifier"), ("dataset",),
+                   ("classifier",)),
     "cams": (("cams",), ("classifier",), ("cams",)),
     "crf": (("seeds", "crf"), ("cams",), ("crf",)),
     "evaluate": (("seeds", "evaluate"), ("cams", "crf"), ()),

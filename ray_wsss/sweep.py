@@ -21,8 +21,8 @@ Trainables:
   truth (keys of `seeds`, `crf`, and the TTA `cams.scales` / `cams.flip`). Cheap: the
   maps are computed once per sweep for every scale and flip (`cam_cache/`), and a trial
   only combines the ones it needs.
-- `classifier`: one Ray Train fit per trial (keys of `model`, `head`, `classifier`),
-  reporting val mAP every epoch, so ASHA can stop the poor ones early.
+- `classifier`: one Ray Train fit per trial (keys of `model`, `head`, `regularizers`,
+  `classifier`), reporting val mAP every epoch, so ASHA can stop the poor ones early.
 - `pipeline`: the whole pipeline in a trial's own run directory on the base run's
   dataset (any key): the general case, and the costliest.
 
@@ -53,7 +53,7 @@ from .run import Run
 
 TRAINABLE_SECTIONS = {
     "refine": ("seeds.", "crf.", "cams.scales", "cams.flip"),
-    "classifier": ("model.", "head.", "classifier."),
+    "classifier": ("model.", "head.", "regularizers.", "classifier."),
     "pipeline": ("",),
 }
 SWEEP_DIRS = ("tuning",)

@@ -19,7 +19,9 @@ from .methods import Method, MethodOptions
 class MapMaker:
     def __init__(self, model_dir: str, scales=(1.0,), flip: bool = False, threads: int = 1,
                  use_gpu: bool = False, options: dict | None = None,
-                 max_side: int | None = None):
+                 max_side: int | None = None, mcis: dict | None = None):
+        """`mcis`: {"bank": {class: [ids]}, "images": {id: encoded bytes}, "peers": N,
+        "seed": s} turns on MCIS co-segmentation (cams/mcis.py) with N peers."""
         import torch
 
         from ..models.classifier import load_classifier
@@ -30,6 +32,18 @@ class MapMaker:
         self.scales, self.flip = tuple(scales), flip
         self.options = MethodOptions(**(options or {}))
         self.max_side = max_side
+        self.peers = None
+        if mcis and mcis.get("peers", 0) > 0:
+            from .mcis import PeerBank
+            self.peers = PeerBank(mcis["images"], mcis["bank"], max_side)
+            self.n_peers, self.peer_seed = mcis["peers"], mcis.get("seed", 0)
+
+    def _method(self, method: Method, ids, idx) -> Method:
+        if self.peers is None or ids is None:
+            return method
+        from .mcis import McisMethod
+        return McisMethod(method, self.peers, [str(ids[i]) for i in idx], self.n_peers,
+                          self.peer_seed)
 
     def _groups(self, images: Sequence[np.ndarray]):
         """(indices, batch tensor (n, 3, h, w) float) per network input size."""
@@ -56,15 +70,18 @@ class MapMaker:
         return out
 
     def maps(self, method: Method, images: Sequence[np.ndarray],
-             class_sets: Sequence[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
-        """Maps (|class_sets[i]|, H_i, W_i) in [0, 1] per image, and probabilities (n, K)."""
+             class_sets: Sequence[np.ndarray], ids: Sequence[str] | None = None
+             ) -> tuple[list[np.ndarray], np.ndarray]:
+        """Maps (|class_sets[i]|, H_i, W_i) in [0, 1] per image, and probabilities (n, K).
+        `ids` (the image ids) are needed for MCIS co-segmentation only."""
         from .tta import tta_maps
 
         maps: list[np.ndarray | None] = [None] * len(images)
         probs = np.zeros((len(images), self.model.num_classes), np.float32)
         for idx, x in self._groups(images):
-            group_maps, p = tta_maps(self.model, method, x, [class_sets[i] for i in idx],
-                                     self.scales, self.flip, self.options)
+            group_maps, p = tta_maps(self.model, self._method(method, ids, idx), x,
+                                     [class_sets[i] for i in idx], self.scales, self.flip,
+                                     self.options)
             for j, i in enumerate(idx):
                 h, w = images[i].shape[:2]
                 m = group_maps[j]
@@ -76,15 +93,17 @@ class MapMaker:
         return maps, probs
 
     def raw_maps(self, method: Method, images: Sequence[np.ndarray],
-                 class_sets: Sequence[np.ndarray]) -> list[np.ndarray]:
+                 class_sets: Sequence[np.ndarray], ids: Sequence[str] | None = None
+                 ) -> list[np.ndarray]:
         """Unnormalised maps per image: (S, 1 + flip, |class_sets[i]|, H_i, W_i) float32,
         per scale and flip, for combining any TTA subset later (`tta.scale_maps`)."""
         from .tta import scale_maps
 
         out: list[np.ndarray | None] = [None] * len(images)
         for idx, x in self._groups(images):
-            raw, _, union = scale_maps(self.model, method, x, [class_sets[i] for i in idx],
-                                       self.scales, self.flip, self.options)
+            raw, _, union = scale_maps(self.model, self._method(method, ids, idx), x,
+                                       [class_sets[i] for i in idx], self.scales, self.flip,
+                                       self.options)
             raw = raw.cpu().numpy().astype(np.float32)
             pos = {c: j for j, c in enumerate(union)}
             for j, i in enumerate(idx):

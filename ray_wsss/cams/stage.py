@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import storage
 from ..data.codecs import decode_image, encode_array
-from ..data.dataset import label_matrix, open_dataset, vector_to_labels
+from ..data.dataset import label_matrix, open_dataset, read_table, vector_to_labels
 from ..errors import ConfigError
 from ..run import Run
 
@@ -26,11 +27,12 @@ class CamPredictor:
 
     def __init__(self, model_dir: str, method: str, scales, flip: bool, threads: int = 1,
                  use_gpu: bool = False, options: dict | None = None,
-                 max_side: int | None = None):
+                 max_side: int | None = None, mcis: dict | None = None):
         from .methods import get_method
         from .predict import MapMaker
 
-        self.maker = MapMaker(model_dir, scales, flip, threads, use_gpu, options, max_side)
+        self.maker = MapMaker(model_dir, scales, flip, threads, use_gpu, options, max_side,
+                              mcis)
         self.method = get_method(method)
 
     def __call__(self, batch: dict) -> dict:
@@ -38,7 +40,8 @@ class CamPredictor:
                                                                      batch["image_id"])]
         vectors = label_matrix(batch["label_vector"])
         maps, probs = self.maker.maps(self.method, images,
-                                      [vector_to_labels(v) - 1 for v in vectors])
+                                      [vector_to_labels(v) - 1 for v in vectors],
+                                      ids=[str(i) for i in batch["image_id"]])
         out = {k: batch[k] for k in PASSTHROUGH}
         out["label_vector"] = vectors
         out["height"] = np.array([im.shape[0] for im in images], np.int32)
@@ -46,6 +49,24 @@ class CamPredictor:
         out["cam"] = np.array([encode_array(m) for m in maps], dtype=object)
         out["probs"] = probs
         return out
+
+
+def mcis_bank(config, run: Run) -> dict | None:
+    """The peer bank of MCIS co-segmentation: `cams.mcis_bank` train images per class
+    (ids from the label index, then only their encoded files are read). None when off."""
+    from .mcis import choose_bank
+
+    cfg = config.cams
+    if cfg.mcis_peers <= 0:
+        return None
+    index = read_table(run.dataset_path, ["image_id", "label_vector"],
+                       [config.classifier.train_split])
+    labels = np.array(index.column("label_vector").to_pylist(), np.uint8)
+    bank = choose_bank(labels, index.column("image_id").to_pylist(), cfg.mcis_bank, cfg.seed)
+    ids = sorted({i for v in bank.values() for i in v})
+    images = {r["image_id"]: r["image"]
+              for r in read_table(run.dataset_path, ["image_id", "image"], ids=ids).to_pylist()}
+    return {"bank": bank, "images": images, "peers": cfg.mcis_peers, "seed": cfg.seed}
 
 
 def method_options(cfg) -> dict:
@@ -86,7 +107,8 @@ def cam_dataset(config, run: Run, model_dir: str | None = None, splits=None):
                                "method": cfg.method, "scales": cfg.scales, "flip": cfg.flip,
                                "threads": cfg.torch_threads or cfg.cpus_per_actor,
                                "use_gpu": use_gpu, "options": method_options(cfg),
-                               "max_side": cfg.max_image_side},
+                               "max_side": cfg.max_image_side,
+                               "mcis": mcis_bank(config, run)},
         compute=ray.data.ActorPoolStrategy(size=actor_count(cfg)),
         batch_size=cfg.batch_size, batch_format="numpy",
         num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor or None,
@@ -97,6 +119,10 @@ def run(config, run: Run) -> dict:
     from .methods import get_method
 
     get_method(config.cams.method)  # fail on a bad name before starting actors
+    if config.cams.mcis_peers > 0 and not storage.read_json(
+            run.path("classifier", "model.json")).get("mcis"):
+        raise ConfigError("cams.mcis_peers > 0 needs a classifier trained with "
+                          "regularizers.mcis.enabled: true")
     with run.output("cams") as out:
         cam_dataset(config, run).write_parquet(out)
     return {}

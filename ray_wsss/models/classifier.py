@@ -17,6 +17,7 @@ from torch import nn
 from .. import storage
 from ..config import ModelConfig
 from ..errors import ConfigError
+from .mcis import CoAttention
 from .resnet import RESNET_NAMES, build_resnet, load_torchvision_weights
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -64,11 +65,13 @@ class Classifier(nn.Module):
     every use of `head_weight()` (CAMs included)."""
 
     def __init__(self, backbone: nn.Module, num_classes: int, mean, std, in_channels: int = 3,
-                 kur: bool = False):
+                 kur: bool = False, mcis: bool = False):
         super().__init__()
         self.backbone = backbone
         self.num_classes = num_classes
         self.kur = kur
+        # the MCIS co-attention branch (models/mcis.py), trained with image pairs
+        self.co_attention = CoAttention(backbone.out_channels, num_classes) if mcis else None
         self.classifier = nn.Conv2d(backbone.out_channels, num_classes, 1, bias=False)
         nn.init.kaiming_normal_(self.classifier.weight)
         extra = in_channels - len(mean)
@@ -96,9 +99,10 @@ class Classifier(nn.Module):
 
 
 def build_classifier(cfg: ModelConfig, num_classes: int, in_channels: int = 3,
-                     pretrained: bool = True, kur: bool = False) -> Classifier:
+                     pretrained: bool = True, kur: bool = False, mcis: bool = False
+                     ) -> Classifier:
     backbone, mean, std = build_backbone(cfg, in_channels, pretrained)
-    return Classifier(backbone, num_classes, mean, std, in_channels, kur)
+    return Classifier(backbone, num_classes, mean, std, in_channels, kur, mcis)
 
 
 def save_classifier(model: Classifier, cfg: ModelConfig, directory: str,
@@ -109,7 +113,8 @@ def save_classifier(model: Classifier, cfg: ModelConfig, directory: str,
     torch.save(model.state_dict(), buf)
     spec = {"backbone": cfg.backbone, "output_stride": cfg.output_stride,
             "num_classes": model.num_classes, "classes": list(classes),
-            "in_channels": int(model.mean.shape[1]), "kur": model.kur}
+            "in_channels": int(model.mean.shape[1]), "kur": model.kur,
+            "mcis": model.co_attention is not None}
     spec.update(extra or {})
     storage.write_bytes_atomic(storage.join(directory, "model.pt"), buf.getvalue())
     storage.write_json_atomic(storage.join(directory, "model.json"), spec)
@@ -120,7 +125,8 @@ def load_classifier(directory: str, map_location: str | torch.device = "cpu") ->
     cfg = ModelConfig(backbone=spec["backbone"], output_stride=spec["output_stride"],
                       pretrained=None)
     model = build_classifier(cfg, spec["num_classes"], spec.get("in_channels", 3),
-                             pretrained=False, kur=spec.get("kur", False))
+                             pretrained=False, kur=spec.get("kur", False),
+                             mcis=spec.get("mcis", False))
     state = torch.load(io.BytesIO(storage.read_bytes(storage.join(directory, "model.pt"))),
                        map_location=map_location, weights_only=True)
     model.load_state_dict(state)

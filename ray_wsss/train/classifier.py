@@ -22,7 +22,7 @@ from .. import storage
 from ..config import ClassifierConfig, ModelConfig, to_dict
 from ..data.dataset import dataset_counts, open_dataset
 from ..data.transforms import EvalTransform, TrainTransform
-from ..errors import StageError
+from ..errors import ConfigError, StageError
 from ..run import Run
 from ..runtime import project_error
 
@@ -35,11 +35,24 @@ def lr_at(step: int, total: int, base: float, warmup: int) -> float:
 
 
 def _param_groups(model, cfg: ClassifierConfig) -> list[dict]:
+    """Backbone at the base rate; the heads (classifier, co-attention) trained from
+    scratch at `head_lr_multiplier` times it (IRN, Puzzle-CAM: 10x)."""
     head = list(model.classifier.parameters())
+    if getattr(model, "co_attention", None) is not None:
+        head += list(model.co_attention.parameters())
     head_ids = {id(p) for p in head}
     backbone = [p for p in model.parameters() if id(p) not in head_ids]
     return [{"params": backbone, "lr_scale": 1.0},
             {"params": head, "lr_scale": cfg.head_lr_multiplier}]
+
+
+def _optimizer(groups, cfg: ClassifierConfig, lr_scale: float = 1.0):
+    import torch
+
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr * lr_scale, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr * lr_scale, weight_decay=cfg.weight_decay)
 
 
 def train_loop(loop_config: dict) -> None:
@@ -47,25 +60,33 @@ def train_loop(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
     import torch
-    import torch.nn.functional as F
 
+    from ..config import RegularizersConfig, from_dict
     from ..evaluate import average_precision
-    from ..models.classifier import build_classifier
+    from ..models.classifier import build_classifier, load_classifier
+    from .pairs import PairPool
+    from .regularizers import TrainingModel, pnoc_oc_loss, ramp
 
     cfg = ClassifierConfig(**loop_config["classifier"])
     model_cfg = ModelConfig(**loop_config["model"])
+    reg = from_dict(RegularizersConfig, loop_config["regularizers"])
     torch.set_num_threads(max(1, loop_config["threads"]))
     torch.manual_seed(cfg.seed)
     ctx = ray.train.get_context()
     world, rank = ctx.get_world_size(), ctx.get_world_rank()
 
-    model = build_classifier(model_cfg, loop_config["num_classes"], kur=loop_config["kur"])
-    groups = _param_groups(model, cfg)
-    if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
-                              weight_decay=cfg.weight_decay)
-    else:
-        opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model = build_classifier(model_cfg, loop_config["num_classes"], kur=loop_config["kur"],
+                             mcis=reg.mcis.enabled)
+    opt = _optimizer(_param_groups(model, cfg), cfg)
+    oc = oc_opt = None
+    if reg.oc_cse.weight > 0:
+        # the ordinary classifier: BN statistics stay fixed (eval mode) even when P-NOC
+        # trains its weights
+        oc = load_classifier(reg.oc_cse.oc_model).eval()
+        for p in oc.parameters():
+            p.requires_grad_(reg.pnoc.enabled)
+        if reg.pnoc.enabled:
+            oc_opt = _optimizer(_param_groups(oc, cfg), cfg, reg.pnoc.oc_lr_scale)
     start_epoch, history, restarts = 0, [], 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -74,13 +95,26 @@ def train_loop(loop_config: dict) -> None:
                                weights_only=True)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
+        if oc_opt is not None:
+            oc.load_state_dict(state["oc"])
+            oc_opt.load_state_dict(state["oc_optimizer"])
         start_epoch, history = state["epoch"] + 1, state["history"]
         restarts = state.get("restarts", 0) + 1
         print(f"[classifier] resuming from the checkpoint of epoch {state['epoch'] + 1} "
               f"(restart {restarts})")
-    model = ray.train.torch.prepare_model(model)
-    plain = getattr(model, "module", model)
+    regularized = reg.puzzle.alpha > 0 or reg.oc_cse.weight > 0 or reg.mcis.enabled
+    trainer = ray.train.torch.prepare_model(
+        TrainingModel(model, reg),
+        # e.g. the MCIS gate before the contrastive loss starts: unused in some steps
+        parallel_strategy_kwargs={"find_unused_parameters": True} if regularized else None)
     device = ray.train.torch.get_device()
+    plain = model.to(device)
+    oc_train = None
+    if oc is not None:
+        oc = oc.to(device)
+        if oc_opt is not None:
+            oc_train = ray.train.torch.prepare_model(oc, move_to_device=False)
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
 
     per_worker = max(1, cfg.batch_size // world)
     steps_per_epoch = max(1, loop_config["num_train"] // (per_worker * world))
@@ -89,13 +123,17 @@ def train_loop(loop_config: dict) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_batches = _ValBatches(ray.train.get_dataset_shard("val") if loop_config["has_val"]
                               else None, per_worker, device)
+    dtypes = {"image": torch.uint8, "label_vector": torch.float32}
+    pairs = PairPool(reg.mcis.pair_pool, cfg.seed, rank) if reg.mcis.enabled else None
 
     for epoch in range(start_epoch, cfg.epochs):
-        model.train()
+        trainer.train()
+        oc_steps = []
         t0, losses, step, waited = time.time(), [], epoch * steps_per_epoch, 0.0
+        sums: dict[str, float] = {}
         batches = iter(train_shard.iter_torch_batches(
             batch_size=per_worker, drop_last=True, local_shuffle_buffer_size=4 * per_worker,
-            dtypes={"image": torch.uint8, "label_vector": torch.float32}, device=device))
+            dtypes=dtypes, device=device))
         while True:
             t_wait = time.time()
             batch = next(batches, None)
@@ -106,24 +144,51 @@ def train_loop(loop_config: dict) -> None:
             for g in opt.param_groups:
                 g["lr"] = lr * g["lr_scale"]
             images = batch["image"].permute(0, 3, 1, 2).float()
-            loss = F.binary_cross_entropy_with_logits(model(images), batch["label_vector"])
+            labels = batch["label_vector"]
+            partner = partner_labels = None
+            if pairs is not None:
+                partner, partner_labels = pairs.draw(batch["image"], labels, epoch, step)
+                partner = partner.permute(0, 3, 1, 2).float()
+            loss, parts = trainer(
+                images, labels, progress=step / total, epoch=epoch + 1, partner=partner,
+                partner_labels=partner_labels, oc=oc, generator=generator)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if oc_opt is not None:
+                # P-NOC: the adversarial OC's own step on what the detached CAMs left
+                for g in oc_opt.param_groups:
+                    g["lr"] = lr * reg.pnoc.oc_lr_scale * g["lr_scale"]
+                ow = ramp(step / total, 0.0, reg.pnoc.oc_weight)
+                oc_loss = ow * pnoc_oc_loss(oc_train, images, parts["maps"], parts["chosen"],
+                                            labels, plain.mean, reg.pnoc.mask_threshold)
+                oc_opt.zero_grad(set_to_none=True)
+                oc_loss.backward()
+                oc_opt.step()
+                oc_steps.append(oc_loss.item())
             losses.append(loss.item())
+            for k, v in parts.items():
+                if k not in ("maps", "chosen"):
+                    sums[k] = sums.get(k, 0.0) + float(v)
             step += 1
         metrics = {"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else math.nan,
                    "lr": lr_at(step, total, cfg.lr, warmup), "steps": len(losses),
                    "epoch_seconds": round(time.time() - t0, 2),
-                   "data_wait_seconds": round(waited, 2), "restarts": restarts}
+                   "data_wait_seconds": round(waited, 2), "restarts": restarts,
+                   "workers": world}
+        metrics.update({f"loss_{k}": v / max(len(losses), 1) for k, v in sums.items()})
+        if oc_steps:
+            metrics["loss_oc_adversary"] = float(np.mean(oc_steps))
         if rank == 0 and loop_config["has_val"]:
             metrics.update(_validate(plain, val_batches, average_precision))
         history.append(metrics)
         if rank == 0:
             with tempfile.TemporaryDirectory() as d:
-                torch.save({"model": plain.state_dict(), "optimizer": opt.state_dict(),
-                            "epoch": epoch, "history": history, "restarts": restarts},
-                           os.path.join(d, "state.pt"))
+                state = {"model": plain.state_dict(), "optimizer": opt.state_dict(),
+                         "epoch": epoch, "history": history, "restarts": restarts}
+                if oc_opt is not None:
+                    state.update(oc=oc.state_dict(), oc_optimizer=oc_opt.state_dict())
+                torch.save(state, os.path.join(d, "state.pt"))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics)
@@ -174,6 +239,27 @@ def _validate(model, batches, average_precision) -> dict:
     return {"val_loss": float(np.mean(losses)), "val_map": float(np.nanmean(ap)) * 100}
 
 
+def check_regularizers(config) -> None:
+    reg, cfg = config.regularizers, config.classifier
+    stride = 2 * config.model.output_stride
+    if reg.puzzle.alpha > 0 and cfg.crop_size % stride:
+        raise ConfigError(f"regularizers.puzzle: classifier.crop_size ({cfg.crop_size}) must "
+                          f"be a multiple of {stride} so that 2x2 tiles map onto the full "
+                          "image's feature grid")
+    if reg.oc_cse.weight > 0:
+        if not reg.oc_cse.oc_model:
+            raise ConfigError("regularizers.oc_cse.oc_model must name the classifier folder "
+                              "of an earlier run (the ordinary classifier)")
+        path = reg.oc_cse.oc_model
+        if not storage.exists(storage.join(path, "model.json")):
+            raise ConfigError(f"regularizers.oc_cse.oc_model: no classifier (model.json) in "
+                              f"{path}")
+    if reg.pnoc.enabled and (reg.oc_cse.weight <= 0 or reg.puzzle.alpha <= 0):
+        raise ConfigError("regularizers.pnoc needs regularizers.puzzle.alpha > 0 and "
+                          "regularizers.oc_cse.weight > 0 (P-NOC = Puzzle + OC-CSE + an "
+                          "adversarial OC)")
+
+
 def make_trainer(config, run: Run, name: str, storage_path: str, callbacks=None):
     """The TorchTrainer of the classifier fit: Ray Data pipelines, scaling, checkpoints.
 
@@ -206,13 +292,16 @@ def make_trainer(config, run: Run, name: str, storage_path: str, callbacks=None)
         datasets["val"] = open_dataset(run.dataset_path, ["image", "label_vector"],
                                        [cfg.val_split]).map_batches(
             EvalTransform(cfg.crop_size), batch_format="numpy", batch_size=16)
-    # Fail on a bad backbone name or a missing weight file here, not inside the workers.
+    # Fail on a bad backbone name, a missing weight file or regularizer settings here, not
+    # inside the workers.
     build_classifier(config.model, info.num_classes)
+    check_regularizers(config)
     return TorchTrainer(
         train_loop,
         train_loop_config={"classifier": to_dict(cfg), "model": to_dict(config.model),
                            "num_classes": info.num_classes, "num_train": num_train,
                            "kur": config.head.kur, "has_val": has_val,
+                           "regularizers": to_dict(config.regularizers),
                            "threads": cfg.torch_threads or cfg.cpus_per_worker},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
@@ -249,7 +338,7 @@ def run(config, run: Run) -> dict:
     with result.checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
     model = build_classifier(config.model, info.num_classes, pretrained=False,
-                             kur=config.head.kur)
+                             kur=config.head.kur, mcis=config.regularizers.mcis.enabled)
     model.load_state_dict(state["model"])
     save_classifier(model, config.model, stage_dir, info.classes,
                     {"epochs": state["epoch"] + 1})
