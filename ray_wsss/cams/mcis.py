@@ -72,7 +72,8 @@ def draw_peers(bank: dict[int, list[str]], image_id: str, cls: int, n: int, seed
 
 
 class PeerBank:
-    """Peer images by id, with their features computed once (at scale 1)."""
+    """Peer images by id, with what the co-attention needs of them computed once (at
+    scale 1): their features F_n (C, HW_n) and their class projections W_cls F_n (K, HW_n)."""
 
     def __init__(self, encoded: dict[str, bytes], bank: dict[int, list[str]],
                  max_side: int | None = None):
@@ -82,33 +83,52 @@ class PeerBank:
                        for i, b in encoded.items()}
         self.bank = {int(c): list(v) for c, v in bank.items()}
         self._features: dict[str, torch.Tensor] = {}
+        self._projected: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def features(self, model, image_id: str, device) -> torch.Tensor:
+        """(1, C, h_n, w_n)."""
         if image_id not in self._features:
             x = torch.from_numpy(self.images[image_id]).to(device).permute(2, 0, 1)[None]
             with torch.no_grad():
                 self._features[image_id] = model.features(x.float())
         return self._features[image_id]
 
+    def projected(self, model, image_id: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(F_n (C, HW_n), W_cls F_n (K, HW_n)) of the co-attention head."""
+        if image_id not in self._projected:
+            fn = self.features(model, image_id, device)[0].flatten(1)
+            w = model.co_attention.classifier.weight.flatten(1)  # (K, C): 1x1 conv, no bias
+            with torch.no_grad():
+                self._projected[image_id] = (fn, w @ fn)
+        return self._projected[image_id]
+
 
 def _unit(m: torch.Tensor) -> torch.Tensor:
     return m / (m.amax(dim=(-2, -1), keepdim=True) + 1e-5)
 
 
-def co_maps(model, feats: torch.Tensor, peer_feats: Sequence[torch.Tensor]) -> list:
-    """The normalised ReLU co-attention class maps of one image with each peer.
+def co_maps(model, feats: torch.Tensor, peers: Sequence[tuple[torch.Tensor, torch.Tensor]]
+            ) -> list:
+    """The normalised ReLU co-attention class maps (K, h, w) of one image (feats
+    (1, C, h, w)) with each peer, from the peers' cached projections, without forming F'_m.
 
-    feats (1, C, h, w); peer_feats: (1, C, h_j, w_j) each -> per peer (K, h, w). Peers of
-    one feature size go through the co-attention as one batch."""
-    co = model.co_attention
-    out: list = [None] * len(peer_feats)
-    by_shape: dict = {}
-    for j, f in enumerate(peer_feats):
-        by_shape.setdefault(tuple(f.shape[2:]), []).append(j)
-    for idx in by_shape.values():
-        fn = torch.cat([peer_feats[j] for j in idx])
-        attended, _ = co(feats.expand(len(idx), -1, -1, -1), fn)
-        maps = _unit(F.relu(co.class_maps(attended)))
+    The co-attended features of m are F'_m = F_n B^T with B = softmax over n's positions
+    of P = F_m^T W_P F_n, and the class head is linear without bias, so its maps are
+    W_cls F'_m = (W_cls F_n) B^T: per pair one (HW_m x C)(C x HW_n) product for P and a
+    (K x HW_n)(HW_n x HW_m) one for the maps, with W_P F_m shared by all peers. Peers of
+    one feature size go as one batch. peers: (F_n (C, HW_n), W_cls F_n (K, HW_n)) each."""
+    h, w = feats.shape[2:]
+    q = model.co_attention.W_P(feats[0].flatten(1).T)          # (HW_m, C) = F_m^T W_P^T
+    out: list = [None] * len(peers)
+    by_size: dict = {}
+    for j, (fn, _) in enumerate(peers):
+        by_size.setdefault(fn.shape[1], []).append(j)
+    for idx in by_size.values():
+        fn = torch.stack([peers[j][0] for j in idx])              # (J, C, HW_n)
+        proj = torch.stack([peers[j][1] for j in idx])            # (J, K, HW_n)
+        b = torch.softmax(torch.matmul(q, fn), dim=2)             # (J, HW_m, HW_n)
+        maps = torch.bmm(proj, b.transpose(1, 2)).view(len(idx), -1, h, w)
+        maps = _unit(F.relu(maps))
         for k, j in enumerate(idx):
             out[j] = maps[k]
     return out
@@ -120,6 +140,14 @@ class McisMethod:
     def __init__(self, method: Method, peers: PeerBank, image_ids: Sequence[str], n: int,
                  seed: int):
         self.method, self.peers, self.ids, self.n, self.seed = method, peers, image_ids, n, seed
+        self._drawn: dict = {}  # the same peers at every scale and flip of an image
+
+    def _draws(self, image_id: str, classes: list[int]) -> dict[int, list[str]]:
+        key = (image_id, tuple(classes))
+        if key not in self._drawn:
+            self._drawn[key] = {c: draw_peers(self.peers.bank, image_id, c, self.n, self.seed)
+                                for c in classes}
+        return self._drawn[key]
 
     def __call__(self, model, images, classes, opts: MethodOptions = MethodOptions()):
         if model.co_attention is None:
@@ -133,13 +161,12 @@ class McisMethod:
         with torch.no_grad():
             for i in range(images.shape[0]):
                 image_id = self.ids[i % b]  # the second half of a flipped batch: same ids
-                draws = {c: draw_peers(self.peers.bank, image_id, c, self.n, self.seed)
-                         for c in torch.nonzero(classes[i]).flatten().tolist()}
+                draws = self._draws(image_id, torch.nonzero(classes[i]).flatten().tolist())
                 unique = sorted({p for ids in draws.values() for p in ids})
                 if not unique:
                     continue
                 maps = dict(zip(unique, co_maps(model, feats[i:i + 1], [
-                    self.peers.features(model, p, images.device) for p in unique])))
+                    self.peers.projected(model, p, images.device) for p in unique])))
                 for c, ids in draws.items():
                     if ids:
                         co = torch.stack([maps[p][c] for p in ids]).mean(0)

@@ -260,6 +260,15 @@ def check_regularizers(config) -> None:
                           "adversarial OC)")
 
 
+def _worker_regularizers(reg) -> dict:
+    """The regularizers' config for the workers, whose working directory is not the
+    driver's: a relative oc_model path becomes absolute (URIs stay as they are)."""
+    out = to_dict(reg)
+    if out["oc_cse"]["oc_model"]:
+        out["oc_cse"]["oc_model"] = storage.resolve(out["oc_cse"]["oc_model"])
+    return out
+
+
 def make_trainer(config, run: Run, name: str, storage_path: str, callbacks=None):
     """The TorchTrainer of the classifier fit: Ray Data pipelines, scaling, checkpoints.
 
@@ -301,7 +310,7 @@ def make_trainer(config, run: Run, name: str, storage_path: str, callbacks=None)
         train_loop_config={"classifier": to_dict(cfg), "model": to_dict(config.model),
                            "num_classes": info.num_classes, "num_train": num_train,
                            "kur": config.head.kur, "has_val": has_val,
-                           "regularizers": to_dict(config.regularizers),
+                           "regularizers": _worker_regularizers(config.regularizers),
                            "threads": cfg.torch_threads or cfg.cpus_per_worker},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,

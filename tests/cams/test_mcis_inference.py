@@ -4,7 +4,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ray_wsss.cams.mcis import McisMethod, PeerBank, choose_bank, draw_peers
+from ray_wsss.cams.mcis import McisMethod, PeerBank, choose_bank, co_maps, draw_peers
 from ray_wsss.cams.methods import cam
 from ray_wsss.cams.predict import MapMaker
 from ray_wsss.config import ModelConfig
@@ -84,3 +84,24 @@ def test_cosegmentation_equals_a_naive_full_forward_per_pair(tmp_path):
     ref, _ = naive_cosegmentation(model, cam, x, wanted, ["m0", "m1"], bank, peers, 3, 5)
     assert not torch.allclose(ref, cam(model, x, wanted)[0])  # the peers changed the maps
     torch.testing.assert_close(maps, ref, rtol=1e-4, atol=1e-5)  # float32
+
+
+def test_co_maps_from_cached_projections_equal_the_module_path(tmp_path):
+    """(W_cls F_n) B^T == class head of F_n B^T, peers of two sizes in one call."""
+    model_dir, bank, encoded, peers, images = setup(tmp_path)
+    model = MapMaker(model_dir).model
+    with torch.no_grad():
+        model.co_attention.W_P.weight.normal_(0, 0.05)  # not the identity it starts from
+    bank_obj = PeerBank({**encoded, "big": encode_image(
+        np.random.default_rng(1).integers(0, 255, (96, 80, 3), np.uint8))}, bank)
+    x = torch.from_numpy(images[0]).permute(2, 0, 1)[None].float()
+    ids = ["p0", "big", "p3"]
+    with torch.no_grad():
+        fm = model.features(x)
+        got = co_maps(model, fm, [bank_obj.projected(model, p, "cpu") for p in ids])
+        for p, g in zip(ids, got):
+            att, _ = model.co_attention(fm, bank_obj.features(model, p, "cpu"))
+            ref = F.relu(model.co_attention.class_maps(att))[0]
+            ref = ref / (ref.amax(dim=(1, 2), keepdim=True) + 1e-5)
+            assert g.shape == ref.shape == (3, *fm.shape[2:])
+            torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6)

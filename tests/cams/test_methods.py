@@ -64,7 +64,8 @@ def ref_grad(model, x, target_fn):
 
 
 def reference(method, model, x, classes, opts=MethodOptions()):
-    out = torch.zeros(x.shape[0], K, *model.features(x[:1]).shape[2:], dtype=x.dtype)
+    out = torch.zeros(x.shape[0], classes.shape[1], *model.features(x[:1]).shape[2:],
+                      dtype=x.dtype)
     for b in range(x.shape[0]):
         D = [int(c) for c in torch.nonzero(classes[b]).flatten()]
         for u in D:

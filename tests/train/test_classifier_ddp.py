@@ -16,7 +16,8 @@ from ..conftest import tiny_config
 pytestmark = pytest.mark.slow
 
 
-def test_all_regularizers_train_with_two_ddp_workers(copy_run, tiny_run, tmp_path):
+def test_all_regularizers_train_with_two_ddp_workers(copy_run, tiny_run, tmp_path,
+                                                    monkeypatch):
     root = copy_run("ddp")
     table = pq.read_table(parquet_files(os.path.join(root, "dataset")))
     train = table.filter(pc.equal(table["split"], "train")).slice(0, 96)
@@ -26,11 +27,13 @@ def test_all_regularizers_train_with_two_ddp_workers(copy_run, tiny_run, tmp_pat
     pq.write_table(train, ds / "part-0.parquet")
     pq.write_table(val, ds / "part-1.parquet")
     shutil.copy(os.path.join(root, "dataset", "classes.json"), ds / "classes.json")
+    # the OC named relative to the driver's working directory (not the workers')
+    monkeypatch.chdir(os.path.dirname(tiny_run.path("classifier")))
     cfg = tiny_config(root, [
         "data.source=parquet", f"data.path={ds}", "classifier.num_workers=2",
         "classifier.torch_threads=1", "classifier.epochs=3", "classifier.batch_size=16",
         "head.kur=true", "regularizers.puzzle.alpha=4.0", "regularizers.oc_cse.weight=1.0",
-        f"regularizers.oc_cse.oc_model={tiny_run.path('classifier')}",
+        "regularizers.oc_cse.oc_model=classifier",
         "regularizers.pnoc.enabled=true", "regularizers.mcis.enabled=true",
         "regularizers.mcis.contrast_from_epoch=2", "regularizers.mcis.pair_pool=32"])
     run = Run(cfg)
