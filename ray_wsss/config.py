@@ -119,9 +119,10 @@ class McisConfig:
     co_weight: float = 1.0
     contrast_weight: float = 1.0
     contrast_from_epoch: int = 2  # 1-based; the complementary loss joins from this epoch
-    # partners are drawn from the current batch and the last `pair_pool` images of the
-    # training worker (train/pairs.py)
+    # partners are drawn from the current batch, the last `pair_pool` images of the
+    # training worker and the last `pair_per_class` images of each class (train/pairs.py)
     pair_pool: int = 64
+    pair_per_class: int = 2
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import hashlib
 import platform
 import uuid
 from typing import Iterator
@@ -53,6 +54,7 @@ class Run:
         self.config = config
         self.root = storage.resolve(run_dir or config.run_dir)
         self.manifest_path = storage.join(self.root, "manifest.json")
+        self._fingerprints: dict[str, str] = {}
 
     # ------------------------------------------------------------ paths
     def path(self, *parts: str) -> str:
@@ -74,7 +76,22 @@ class Run:
         """Hash of what decides stage `name`'s result: its config sections and, through
         the upstream hashes, everything before it."""
         sections, upstream, _ = STAGES[name]
-        return section_hash(self.config, sections, [self.current_hash(u) for u in upstream])
+        return section_hash(self.config, sections,
+                            [self.current_hash(u) for u in upstream] + self._external(name))
+
+    def _external(self, name: str) -> list[str]:
+        """Fingerprints of the files outside the run that stage `name` reads: the ordinary
+        classifier of OC-CSE / P-NOC, by content, so that retraining it in place makes the
+        classifier stage (and everything after it) stale. Unchanged runs keep their hash."""
+        reg = self.config.regularizers
+        if name != "classifier" or reg.oc_cse.weight <= 0 or not reg.oc_cse.oc_model:
+            return []
+        weights = storage.join(storage.resolve(reg.oc_cse.oc_model), "model.pt")
+        cache = self._fingerprints
+        if weights not in cache:
+            cache[weights] = (hashlib.sha256(storage.read_bytes(weights)).hexdigest()[:16]
+                              if storage.exists(weights) else "missing")
+        return ["oc_model:" + cache[weights]]
 
     # ------------------------------------------------------------ manifest
     def manifest(self) -> dict:

@@ -96,3 +96,30 @@ def test_config_command_prints_every_key_and_its_output_loads_back(tmp_path, cap
     # no file: the demo's config; an override alone is not taken for a file name
     assert main(["config", "classifier.epochs=3"]) == 0
     assert "epochs: 3" in capsys.readouterr().out
+
+
+def test_retraining_the_ordinary_classifier_in_place_makes_the_classifier_stale(tmp_path):
+    from ray_wsss.run import Run
+
+    oc = tmp_path / "oc"
+    oc.mkdir()
+    (oc / "model.pt").write_bytes(b"weights one")
+    base = load_config(None, [f"run_dir={tmp_path / 'run'}"])
+    with_oc = load_config(None, [f"run_dir={tmp_path / 'run'}",
+                                 f"regularizers.oc_cse.oc_model={oc}",
+                                 "regularizers.oc_cse.weight=1.0"])
+    before = Run(with_oc).current_hash("classifier")
+    assert before == Run(with_oc).current_hash("classifier")
+    (oc / "model.pt").write_bytes(b"weights two")
+    after = Run(with_oc).current_hash("classifier")
+    assert after != before
+    assert Run(with_oc).current_hash("cams") != Run(base).current_hash("cams")
+    # the OC's content counts only while OC-CSE is on
+    off = load_config(None, [f"regularizers.oc_cse.oc_model={oc}"])
+    off_before = Run(off).current_hash("classifier")
+    (oc / "model.pt").write_bytes(b"weights three")
+    assert Run(off).current_hash("classifier") == off_before
+    assert Run(with_oc).current_hash("classifier") not in (before, after)
+    assert Run(base).current_hash("classifier") == section_hash(
+        base, ["model", "head", "regularizers", "classifier"],
+        [Run(base).current_hash("dataset")])

@@ -71,6 +71,21 @@ def draw_peers(bank: dict[int, list[str]], image_id: str, cls: int, n: int, seed
     return [pool[i] for i in rng.integers(0, len(pool), n)]
 
 
+def read_bank_images(dataset: str, bank: dict[int, list[str]]) -> dict[str, bytes]:
+    """The encoded images of the bank's ids, read from the dataset folder (filters pushed
+    down to the Parquet files)."""
+    from ..data.dataset import read_table
+
+    ids = sorted({i for v in bank.values() for i in v})
+    table = read_table(dataset, ["image_id", "image"], ids=ids)
+    images = dict(zip(table.column("image_id").to_pylist(), table.column("image").to_pylist()))
+    missing = [i for i in ids if i not in images]
+    if missing:
+        raise ConfigError(f"{dataset}: MCIS peer image(s) {missing[:5]} are not in the "
+                          "dataset (was it re-imported after the CAM stage started?)")
+    return images
+
+
 class PeerBank:
     """Peer images by id, with what the co-attention needs of them computed once (at
     scale 1): their features F_n (C, HW_n) and their class projections W_cls F_n (K, HW_n)."""

@@ -20,8 +20,9 @@ class MapMaker:
     def __init__(self, model_dir: str, scales=(1.0,), flip: bool = False, threads: int = 1,
                  use_gpu: bool = False, options: dict | None = None,
                  max_side: int | None = None, mcis: dict | None = None):
-        """`mcis`: {"bank": {class: [ids]}, "images": {id: encoded bytes}, "peers": N,
-        "seed": s} turns on MCIS co-segmentation (cams/mcis.py) with N peers."""
+        """`mcis`: {"bank": {class: [ids]}, "peers": N, "seed": s} and either "images":
+        {id: encoded bytes} or "dataset": the dataset folder to read the bank's images
+        from, turns on MCIS co-segmentation (cams/mcis.py) with N peers."""
         import torch
 
         from ..models.classifier import load_classifier
@@ -34,8 +35,9 @@ class MapMaker:
         self.max_side = max_side
         self.peers = None
         if mcis and mcis.get("peers", 0) > 0:
-            from .mcis import PeerBank
-            self.peers = PeerBank(mcis["images"], mcis["bank"], max_side)
+            from .mcis import PeerBank, read_bank_images
+            images = mcis.get("images") or read_bank_images(mcis["dataset"], mcis["bank"])
+            self.peers = PeerBank(images, mcis["bank"], max_side)
             self.n_peers, self.peer_seed = mcis["peers"], mcis.get("seed", 0)
 
     def _method(self, method: Method, ids, idx) -> Method:

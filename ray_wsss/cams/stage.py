@@ -52,8 +52,11 @@ class CamPredictor:
 
 
 def mcis_bank(config, run: Run) -> dict | None:
-    """The peer bank of MCIS co-segmentation: `cams.mcis_bank` train images per class
-    (ids from the label index, then only their encoded files are read). None when off."""
+    """The peer bank of MCIS co-segmentation: `cams.mcis_bank` train image ids per class,
+    chosen from the label index, and where to read them. Each actor reads the bank's
+    encoded images itself (a few hundred rows): only ids travel in the constructor
+    arguments, so a restarted actor never depends on an object the driver put in the
+    object store. None when off."""
     from .mcis import choose_bank
 
     cfg = config.cams
@@ -63,10 +66,8 @@ def mcis_bank(config, run: Run) -> dict | None:
                        [config.classifier.train_split])
     labels = np.array(index.column("label_vector").to_pylist(), np.uint8)
     bank = choose_bank(labels, index.column("image_id").to_pylist(), cfg.mcis_bank, cfg.seed)
-    ids = sorted({i for v in bank.values() for i in v})
-    images = {r["image_id"]: r["image"]
-              for r in read_table(run.dataset_path, ["image_id", "image"], ids=ids).to_pylist()}
-    return {"bank": bank, "images": images, "peers": cfg.mcis_peers, "seed": cfg.seed}
+    return {"bank": bank, "dataset": run.dataset_path, "peers": cfg.mcis_peers,
+            "seed": cfg.seed}
 
 
 def method_options(cfg) -> dict:

@@ -105,3 +105,29 @@ def test_co_maps_from_cached_projections_equal_the_module_path(tmp_path):
             ref = ref / (ref.amax(dim=(1, 2), keepdim=True) + 1e-5)
             assert g.shape == ref.shape == (3, *fm.shape[2:])
             torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_actors_read_the_bank_from_the_dataset_and_name_a_missing_peer(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import pytest
+
+    from ray_wsss.errors import ConfigError
+
+    model_dir, bank, encoded, _, images = setup(tmp_path / "model")
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    ids = sorted(encoded)
+    pq.write_table(pa.table({"image_id": ids, "image": [encoded[i] for i in ids]}),
+                   ds / "part-0.parquet")
+    classes = [np.array([0, 1]), np.array([2])]
+    by_bytes = MapMaker(model_dir, (1.0,), False, mcis={"bank": bank, "images": encoded,
+                                                        "peers": 3, "seed": 5})
+    by_path = MapMaker(model_dir, (1.0,), False, mcis={"bank": bank, "dataset": str(ds),
+                                                       "peers": 3, "seed": 5})
+    for a, b in zip(by_bytes.maps(cam, images, classes, ["m0", "m1"])[0],
+                    by_path.maps(cam, images, classes, ["m0", "m1"])[0]):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ConfigError, match=r"ds: MCIS peer image\(s\) \['gone'\]"):
+        MapMaker(model_dir, mcis={"bank": {0: ["gone", ids[0]]}, "dataset": str(ds),
+                                  "peers": 1})

@@ -44,7 +44,7 @@ def test_each_class_of_a_multi_label_image_gets_its_turn():
 def test_pool_pairs_with_earlier_images_of_the_epoch_and_resets_each_epoch():
     y = torch.tensor(labels(32, 4, seed=1), dtype=torch.float32)
     x = torch.arange(32, dtype=torch.uint8)[:, None, None, None].expand(32, 2, 2, 3)
-    pool = PairPool(size=16, seed=3)
+    pool = PairPool(size=16, seed=3, per_class=0)
     first_x, first_y = pool.draw(x[:8], y[:8], epoch=0, step=0)
     first_ids = first_x[:, 0, 0, 0].long()
     assert set(first_ids.tolist()) <= set(range(8))                  # only the batch so far
@@ -62,7 +62,35 @@ def test_pool_pairs_with_earlier_images_of_the_epoch_and_resets_each_epoch():
     assert any(j < 8 * step for j in seen)                            # earlier batches used
     assert len(pool.images) == 16
     # same epoch and step: same draws; a new epoch starts from an empty pool
-    again = PairPool(size=16, seed=3).draw(x[:8], y[:8], epoch=0, step=0)[0]
+    again = PairPool(size=16, seed=3, per_class=0).draw(x[:8], y[:8], epoch=0, step=0)[0]
     assert torch.equal(again, first_x)
     pool.draw(x[:8], y[:8], epoch=1, step=0)
     assert len(pool.images) == 8
+
+
+def test_an_image_of_a_rare_class_finds_the_last_peers_of_its_class_seen_this_epoch():
+    # images 0, 40, 80 hold only class 3; all others only class 0. The recent pool (8
+    # images) never holds a second class-3 image; the per-class memory does.
+    n = 120
+    y = torch.zeros(n, 4)
+    y[:, 0] = 1
+    y[::40, 0], y[::40, 3] = 0, 1
+    x = torch.arange(n, dtype=torch.uint8)[:, None, None, None].expand(n, 2, 2, 3)
+    partner = {}
+    for per_class in (0, 2):
+        pool = PairPool(size=8, seed=0, per_class=per_class)
+        for step in range(n // 4):
+            rows = slice(4 * step, 4 * step + 4)
+            px, py = pool.draw(x[rows], y[rows], epoch=0, step=step)
+            ids = px[:, 0, 0, 0].tolist()
+            assert torch.equal(py, y[ids])
+            for i, j in enumerate(ids):
+                img = 4 * step + i
+                assert j == img or (y[img].bool() & y[j].bool()).any()
+                if y[img, 3]:
+                    partner[per_class, img] = j
+        assert len(pool.images) == 8
+        assert sorted(len(v[0]) for v in pool.by_class.values()) == \
+            ([] if per_class == 0 else [2, 2])
+    assert [partner[0, i] for i in (0, 40, 80)] == [0, 40, 80]     # self-pairs
+    assert partner[2, 0] == 0 and partner[2, 40] == 0 and partner[2, 80] in (0, 40)
