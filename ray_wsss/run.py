@@ -21,7 +21,7 @@ from typing import Iterator
 
 from . import storage
 from .config import PipelineConfig, section_hash, to_dict
-from .data.dataset import DatasetInfo, read_info
+from .data.dataset import CLASSES_FILE, DatasetInfo, read_info
 from .errors import StageError
 
 
@@ -80,9 +80,21 @@ class Run:
                             [self.current_hash(u) for u in upstream] + self._external(name))
 
     def _external(self, name: str) -> list[str]:
-        """Fingerprints of the files outside the run that stage `name` reads: the ordinary
-        classifier of OC-CSE / P-NOC, by content, so that retraining it in place makes the
-        classifier stage (and everything after it) stale. Unchanged runs keep their hash."""
+        """Fingerprints of what stage `name` reads from outside the run, so that replacing
+        it in place makes the stage (and everything after it) stale: a dataset folder
+        (data.source: parquet) by the id its import wrote, the ordinary classifier of
+        OC-CSE / P-NOC by content. Where there is none, the hash is the plain config's."""
+        if name == "dataset" and self.config.data.source == "parquet" and self.config.data.path:
+            where = storage.join(storage.resolve(self.config.data.path), CLASSES_FILE)
+            if where not in self._fingerprints:
+                try:
+                    found = storage.read_json(where).get("dataset_id") \
+                        if storage.exists(where) else None
+                except (OSError, ValueError, AttributeError):
+                    found = None  # reading the dataset reports what is wrong with it
+                self._fingerprints[where] = found
+            return ["dataset_id:" + self._fingerprints[where]] \
+                if self._fingerprints[where] else []
         reg = self.config.regularizers
         if name != "classifier" or reg.oc_cse.weight <= 0 or not reg.oc_cse.oc_model:
             return []

@@ -10,6 +10,7 @@ so an import that fails half way leaves no dataset behind.
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -184,6 +185,9 @@ class DatasetWriter:
             self._writer = None
         meta = self.info.to_json()
         meta["counts"] = self.counts
+        # a new id per import: runs that read this folder (data.source: parquet) see a
+        # re-import into the same place as a different dataset
+        meta["dataset_id"] = uuid.uuid4().hex
         if extra:
             meta.update(extra)
         storage.write_json_atomic(storage.join(self.tmp, CLASSES_FILE), meta)

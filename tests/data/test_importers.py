@@ -281,3 +281,23 @@ def test_coco_importer_polygons_rle_and_crowd(tmp_path):
     assert (mask == 2).sum() == rle_mask.sum() and np.all(mask[5:15, 40:55] == 2)
     assert np.all(mask[30:35, 0:10] == 255)
     assert np.all(mask[11:30, 11:30] == 1) and mask[0, 0] == 0
+
+
+def test_a_re_import_into_the_same_folder_makes_runs_that_read_it_stale(tmp_path):
+    from ray_wsss.config import load_config
+    from ray_wsss.run import Run
+
+    img_dir = _folder(tmp_path)
+    labels = _csv(tmp_path / "l.csv", [("im0.png", "cat"), ("im1.png", "dog"),
+                                       ("im2.png", "dog")])
+    out = str(tmp_path / "ds")
+    importers.import_folder([("train", str(img_dir), None)], out, labels_csv=labels)
+    cfg = load_config(None, ["data.source=parquet", f"data.path={out}",
+                             f"run_dir={tmp_path / 'run'}"])
+    first = {s: Run(cfg).current_hash(s) for s in ("dataset", "classifier", "crf")}
+    assert first == {s: Run(cfg).current_hash(s) for s in first}        # stable
+    importers.import_folder([("train", str(img_dir), None)], out, labels_csv=labels,
+                            opts=importers.ImportOptions(overwrite=True))
+    again = {s: Run(cfg).current_hash(s) for s in first}
+    assert all(again[s] != first[s] for s in first)
+    assert len(json.loads((tmp_path / "ds" / "classes.json").read_text())["dataset_id"]) == 32
