@@ -54,7 +54,7 @@ class Run:
         self.config = config
         self.root = storage.resolve(run_dir or config.run_dir)
         self.manifest_path = storage.join(self.root, "manifest.json")
-        self._fingerprints: dict[str, str] = {}
+        self._fingerprints: dict[str, str | None] = {}
 
     # ------------------------------------------------------------ paths
     def path(self, *parts: str) -> str:

@@ -124,7 +124,8 @@ def train_loop(loop_config: dict) -> None:
     val_batches = _ValBatches(ray.train.get_dataset_shard("val") if loop_config["has_val"]
                               else None, per_worker, device)
     dtypes = {"image": torch.uint8, "label_vector": torch.float32}
-    pairs = PairPool(reg.mcis.pair_pool, cfg.seed, rank, reg.mcis.pair_per_class) if reg.mcis.enabled else None
+    pairs = (PairPool(reg.mcis.pair_pool, cfg.seed, rank, reg.mcis.pair_per_class)
+             if reg.mcis.enabled else None)
 
     for epoch in range(start_epoch, cfg.epochs):
         trainer.train()
