@@ -15,9 +15,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import ray
 
-from common import scratch_run, with_config
+from common import scratch_run, start_ray, with_config, write_cams
 
-from ray_wsss.cams.stage import CamPredictor, cam_dataset
+from ray_wsss.cams.stage import CamPredictor
 from ray_wsss.data.dataset import parquet_files
 
 SETTINGS = {"no TTA": ((1.0,), False), "TTA 4 scales + flip": ((1.0, 0.5, 1.5, 2.0), True)}
@@ -43,8 +43,7 @@ def main():
     rows = {c: np.array(table.column(c).to_pylist(), dtype=object)
             for c in ("image_id", "split", "image", "mask")}
     rows["label_vector"] = np.array(table.column("label_vector").to_pylist(), np.uint8)
-    ray.init(include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    start_ray()
     print(f"CAM stage, {args.images} images of 160x160, resnet_mini, "
           f"{int(ray.cluster_resources()['CPU'])} CPUs, torch threads {args.threads}")
     print(f"{'setting':22s}{'batch':>6s}{'stage img/s':>13s}{'actor img/s':>13s}")
@@ -54,7 +53,7 @@ def main():
                                     "cams.batch_size": bs, "cams.torch_threads": args.threads})
             t0 = time.perf_counter()
             out = f"{run.root}/bench-cams-{bs}-{flip}"
-            cam_dataset(r.config, r, model_dir).write_parquet(out)
+            write_cams(r, model_dir, out)
             stage = args.images / (time.perf_counter() - t0)
             actor = actor_rate(model_dir, rows, bs, scales, flip, args.threads)
             print(f"{name:22s}{bs:6d}{stage:13.1f}{actor:13.1f}", flush=True)

@@ -12,18 +12,15 @@ import subprocess
 import sys
 import time
 
-from common import scratch_run
+from common import scratch_run, start_ray, write_cams
 
 
 def child(root: str, cpus: int, images: int) -> None:
-    import ray
-
     from ray_wsss.config import load_config
     from ray_wsss.refine import stage
     from ray_wsss.run import Run
 
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    start_ray(cpus)
     run = Run(load_config(f"{root}/config.yaml"), root)
     t0 = time.perf_counter()
     stage.run(run.config, run)
@@ -42,14 +39,12 @@ def main():
     import ray
     import yaml
 
-    from ray_wsss.cams.stage import cam_dataset
     from ray_wsss.config import to_dict
 
     run, model_dir = scratch_run(args.images)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    start_ray(2)
     with run.output("cams") as out:
-        cam_dataset(run.config, run, model_dir).write_parquet(out)
+        write_cams(run, model_dir, out)
     ray.shutdown()
     with open(f"{run.root}/config.yaml", "w") as fh:
         yaml.safe_dump(to_dict(run.config), fh)

@@ -38,6 +38,28 @@ def scratch_run(num_images: int, image_size: int = 160, model_dir: str | None = 
     return run, model_dir
 
 
+def start_ray(num_cpus: int | None = None, object_store_mb: int | None = None) -> None:
+    """A local Ray as the pipeline starts one (ray_wsss.runtime), quiet; optionally with
+    an object store of `object_store_mb` (Ray's default: 30% of the RAM)."""
+    import ray
+
+    from ray_wsss.config import RayConfig
+    from ray_wsss.runtime import local_environment
+
+    local_environment(RayConfig(num_cpus=num_cpus))
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+             object_store_memory=object_store_mb * 2**20 if object_store_mb else None)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def write_cams(run: Run, model_dir: str, out: str) -> None:
+    """The CAM stage's output for `run`, written as the stage writes it."""
+    from ray_wsss.cams.stage import cam_dataset
+    from ray_wsss.runtime import write_parquet
+
+    write_parquet(cam_dataset(run.config, run, model_dir), out, run.config.ray)
+
+
 def with_config(run: Run, **changes) -> Run:
     return Run(replace(run.config, **changes), run.root)
 
@@ -50,6 +72,7 @@ class PeakMemory:
     def __init__(self, interval: float = 0.2):
         self.interval = interval
         self.peak = 0
+        self.peak_detail: list[tuple[str, int, int]] = []  # (process, count, bytes) at peak
         self._stop = threading.Event()
 
     def _tree(self) -> list[int]:
@@ -81,16 +104,37 @@ class PeakMemory:
             pass
         return 0
 
+    @staticmethod
+    def _name(pid: int) -> str:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                args = fh.read().split(b"\0")
+        except OSError:
+            return "?"
+        first = args[0].decode(errors="replace")
+        if first.startswith("ray::"):
+            return first.split(" ")[0]
+        return os.path.basename(first) or "?"
+
     def sample(self) -> int:
-        return sum(self._pss(p) for p in self._tree())
+        parts = [(p, self._pss(p)) for p in self._tree()]
+        total = sum(size for _, size in parts)
+        if total > self.peak:
+            self.peak = total
+            by_name: dict[str, list[int]] = {}
+            for pid, size in parts:
+                by_name.setdefault(self._name(pid), []).append(size)
+            self.peak_detail = sorted(((name, len(v), sum(v)) for name, v in by_name.items()),
+                                      key=lambda t: -t[2])
+        return total
 
     def _loop(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, self.sample())
+            self.sample()
             time.sleep(self.interval)
 
     def __enter__(self):
-        self.peak = self.sample()
+        self.sample()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
         return self

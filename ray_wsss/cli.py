@@ -80,13 +80,14 @@ def cmd_explain(args) -> int:
     from .cams.explain import format_table, run_explain
     from .pipeline import run_stage
     from .run import Run
-    from .runtime import init_ray
+    from .runtime import close_stale_progress_bars, init_ray
 
     config = _config(args)
     run = Run(config)
     init_ray(config.ray)
     methods = args.methods.split(",") if args.methods else list(config.explain.methods)
     result = run_explain(config, run, [m.strip() for m in methods if m.strip()])
+    close_stale_progress_bars()
     print(f"\nExplaining methods on {result['images']} images "
           f"(XAI metrics in %, over detected classes; seed mIoU at the best threshold):")
     print(format_table(result["rows"]))
@@ -102,7 +103,7 @@ def cmd_explain(args) -> int:
 def cmd_sweep(args) -> int:
     from .pipeline import run_stage
     from .run import Run
-    from .runtime import init_ray
+    from .runtime import close_stale_progress_bars, init_ray
     from .sweep import load_spec, run_sweep
 
     config = _config(args)
@@ -110,6 +111,7 @@ def cmd_sweep(args) -> int:
     run = Run(config)
     init_ray(config.ray)
     result = run_sweep(config, run, spec, force=args.force)
+    close_stale_progress_bars()
     good = sorted((r for r in result["rows"] if r["metric"] is not None),
                   key=lambda r: -r["metric"] if spec.mode == "max" else r["metric"])
     print(f"\nSweep {spec.name}: {len(result['rows'])} trials, {spec.metric} ({spec.mode})")

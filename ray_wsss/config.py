@@ -248,6 +248,14 @@ class RayConfig:
     num_cpus: int | None = None
     include_dashboard: bool = True
     progress_bars: bool = True
+    # Stages write Parquet files of at least this size; 0: a file per block of the stage
+    # (Ray Data's default). On object stores (s3://) a few files of e.g. 64 MB are
+    # cheaper to list and to read back than thousands of small ones.
+    output_file_mb: int = 0
+    # Ray Data reads Parquet footers with a pool of actors (32 by default, one Python
+    # process each, ~100 MB); on a local instance the pool is capped at this, null: the
+    # instance's CPU count (at most 32). Clusters keep Ray's default.
+    local_footer_readers: int | None = None
 
 
 @dataclass(frozen=True)

@@ -166,8 +166,10 @@ def run(config, run) -> dict:
     cfg = config.evaluate
     thresholds = list(cfg.thresholds)
 
+    # stage outputs may be a few large files (ray.output_file_mb): blocks of a batch
+    # spread the work over every CPU
     cams = open_dataset(run.path("cams"), ["image_id", "cam", "mask", "label_vector"],
-                        cfg.splits, require=("mask",))
+                        cfg.splits, require=("mask",), rows_per_block=cfg.batch_size)
     sweep = _sums(cams.map_batches(_sweep_batch, batch_size=cfg.batch_size, batch_format="numpy",
                                fn_kwargs={"thresholds": thresholds, "n_labels": n,
                                           "background": info.background}),
@@ -186,7 +188,7 @@ def run(config, run) -> dict:
 
     cols = ("seed", "pseudo_mask")
     crf = open_dataset(run.path("crf"), ["image_id", "mask", *cols], cfg.splits,
-                       require=("mask",))
+                       require=("mask",), rows_per_block=cfg.batch_size)
     totals = _sums(crf.map_batches(_masks_batch, batch_size=cfg.batch_size, batch_format="numpy",
                                 fn_kwargs={"columns": cols, "n_labels": n}), cols)
     seeds = ConfusionMatrix(n, totals["seed"]).metrics(names, exclude)

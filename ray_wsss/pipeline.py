@@ -16,7 +16,7 @@ from . import storage
 from .config import PipelineConfig
 from .errors import StageError
 from .run import STAGES, Run
-from .runtime import init_ray, project_error
+from .runtime import close_stale_progress_bars, init_ray, project_error
 
 ENTRY_POINTS = {
     "dataset": "ray_wsss.data.stage",
@@ -70,6 +70,8 @@ def run_stage(name: str, config: PipelineConfig, run: Run | None = None, force: 
         if found is not None and found is not exc:
             raise found from None
         raise
+    finally:
+        close_stale_progress_bars()
     seconds = round(time.time() - t0, 1)
     run.mark(name, "done", seconds=seconds, summary=summary, attempt=attempt)
     _log(f"stage {name}: done in {seconds}s {summary if summary else ''}".rstrip())

@@ -11,6 +11,7 @@ import base64
 import datetime as _dt
 import html
 import json
+import math
 from typing import Sequence
 
 import cv2
@@ -61,6 +62,26 @@ def mask_overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.6) -> np.
 
 # ---------------------------------------------------------------- charts (inline SVG)
 
+def nice_ticks(lo: float, hi: float, target: int = 5) -> tuple[float, float, list[float]]:
+    """Round tick values (steps of 1, 2, 2.5 or 5 times a power of ten) covering
+    [lo, hi]: returns the widened range and the ticks, about `target` of them."""
+    if not np.isfinite(lo) or not np.isfinite(hi):
+        return lo, hi, [lo, hi]
+    if hi <= lo:
+        hi = lo + (abs(lo) or 1.0)
+    raw = (hi - lo) / max(target - 1, 1)
+    power = 10.0 ** math.floor(math.log10(raw))
+    best = None
+    for step in (m * p for p in (power / 10, power, power * 10) for m in (1, 2, 2.5, 5)):
+        start = math.floor(lo / step + 1e-9) * step
+        stop = math.ceil(hi / step - 1e-9) * step
+        n = int(round((stop - start) / step)) + 1
+        if n <= target + 2 and (best is None or stop - start < best[1] - best[0]):
+            best = (start, stop, step, n)
+    start, stop, step, n = best
+    return start, stop, [round(start + i * step, 10) for i in range(n)]
+
+
 def line_chart(series: dict[str, tuple[Sequence[float], Sequence[float]]], x_label: str,
                y_label: str, markers: Sequence[tuple[float, float, str]] = (),
                width: int = 460, height: int = 250, y_range: tuple[float, float] | None = None,
@@ -74,6 +95,12 @@ def line_chart(series: dict[str, tuple[Sequence[float], Sequence[float]]], x_lab
         return "<p class='muted'>no data</p>"
     x0, x1 = min(xs), max(xs)
     y0, y1 = y_range or (min(ys), max(ys))
+    if x_ticks is None:
+        x0, x1, x_values = nice_ticks(x0, x1)
+    if y_range is None:
+        y0, y1, y_values = nice_ticks(y0, y1)
+    else:
+        y_values = [v for v in nice_ticks(y0, y1)[2] if y0 - 1e-9 <= v <= y1 + 1e-9]
     if x1 == x0:
         x1 = x0 + 1
     if y1 == y0:
@@ -82,16 +109,15 @@ def line_chart(series: dict[str, tuple[Sequence[float], Sequence[float]]], x_lab
     def px(x): return L + (x - x0) / (x1 - x0) * (width - L - R)
     def py(y): return height - B - (y - y0) / (y1 - y0) * (height - T - B)
     parts = [f"<svg viewBox='0 0 {width} {height}' class='chart' role='img'>"]
-    for i in range(5):
-        yv = y0 + (y1 - y0) * i / 4
+    for yv in y_values:
         parts.append(f"<line x1='{L}' x2='{width - R}' y1='{py(yv):.1f}' y2='{py(yv):.1f}' "
                      "class='grid'/>")
         parts.append(f"<text x='{L - 6}' y='{py(yv) + 4:.1f}' class='tick' "
-                     f"text-anchor='end'>{yv:.3g}</text>")
+                     f"text-anchor='end'>{yv:.4g}</text>")
     ticks = ([(i, t) for i, t in enumerate(x_ticks)] if x_ticks is not None else
-             [(x0 + (x1 - x0) * i / 4, None) for i in range(5)])
+             [(v, None) for v in x_values])
     for xv, label in ticks:
-        label = f"{xv:.3g}" if label is None else label
+        label = f"{xv:.4g}" if label is None else label
         parts.append(f"<text x='{px(xv):.1f}' y='{height - B + 16}' class='tick' "
                      f"text-anchor='middle'>{html.escape(label)}</text>")
     parts.append(f"<text x='{(L + width - R) / 2}' y='{height - 4}' class='axis' "
@@ -141,9 +167,10 @@ font-weight:600;text-transform:uppercase}td:first-child,th:first-child{text-alig
 vertical-align:-1px;border:1px solid #0002}.bar{display:inline-block;height:8px;
 border-radius:4px;background:var(--acc);vertical-align:middle}.bar.seed{background:#94a3b8}
 .pos{color:#059669}.neg{color:#dc2626}.muted{color:var(--muted)}
-.chart{width:100%;height:auto}.chart .grid{stroke:#e2e8f0}.chart .tick{font-size:10px;
-fill:#64748b}.chart .axis{font-size:11px;fill:#334155}.chart .legend{font-size:11px;
-font-weight:600}.chart .marker{fill:none;stroke:#0f172a;stroke-width:1.5}.chart .mlabel{
+.chart{width:100%;max-width:680px;height:auto}.chart .grid{stroke:#e2e8f0}
+.chart .tick{font-size:10px;fill:#64748b}.chart .axis{font-size:11px;fill:#334155}
+.chart .legend{font-size:11px;font-weight:600;paint-order:stroke;stroke:#fff;stroke-width:4px;
+stroke-linejoin:round}.chart .marker{fill:none;stroke:#0f172a;stroke-width:1.5}.chart .mlabel{
 font-size:10px;fill:#0f172a}.gallery{display:flex;flex-direction:column;gap:18px}
 .item{border-top:1px solid var(--line);padding-top:14px}.item h3{font-size:13px;margin:0 0 8px;
 font-weight:600}.item h3 .iou{color:var(--muted);font-weight:400;margin-left:10px}

@@ -21,8 +21,27 @@ def init_ray(cfg: RayConfig) -> None:
         if address:
             ray.init(address=address, log_to_driver=True)
         else:
+            local_environment(cfg)
             ray.init(num_cpus=cfg.num_cpus, include_dashboard=cfg.include_dashboard)
     configure_data(cfg)
+
+
+def local_environment(cfg: RayConfig) -> None:
+    """Settings for a local instance, made before it starts (its workers inherit this
+    process's environment). Ray Data provisions 32 footer-reading actors for every
+    Parquet read; on a laptop each is a ~100 MB process, and how many of them start
+    grows with the number of files read, so peak memory would grow with the dataset."""
+    readers = cfg.local_footer_readers or min(32, cfg.num_cpus or os.cpu_count() or 2)
+    os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", str(max(1, readers)))
+
+
+def write_parquet(ds, path: str, cfg: RayConfig) -> None:
+    """Write a stage's dataset to `path` in files of at least `cfg.output_file_mb`
+    (0: a file per block)."""
+    if cfg.output_file_mb > 0:
+        ds.write_parquet(path, min_bytes_per_file=cfg.output_file_mb * 2**20)
+    else:
+        ds.write_parquet(path)
 
 
 def configure_data(cfg: RayConfig) -> None:
@@ -37,6 +56,31 @@ def configure_data(cfg: RayConfig) -> None:
     # itself: wrapped in Ray Data's UserCodeException its type and cause are lost in
     # serialisation, and the user would see a remote traceback instead of one line.
     ctx.raise_original_map_exception = True
+
+
+def close_stale_progress_bars() -> None:
+    """Close the progress bars that processes which are gone left open on the driver.
+
+    Ray Train's dataset-split coordinator is torn down with the trainer before it
+    closes its Ray Data bars, and the driver's bar manager (`ray.experimental.tqdm_ray`)
+    would redraw those finished bars under every line printed afterwards, the final
+    table included. Called between stages, when no Ray Data execution is running."""
+    try:
+        from ray.experimental import tqdm_ray
+    except ImportError:  # pragma: no cover - progress bars are cosmetic
+        return
+    manager = getattr(tqdm_ray, "_manager", None)
+    if manager is None:
+        return
+    with manager.lock:
+        for key, group in list(manager.bar_groups.items()):
+            if group.pid == manager.pid:
+                continue
+            for bar in group.bars_by_uuid.values():
+                bar.bar.leave = False
+                bar.close()
+            group.bars_by_uuid.clear()
+            del manager.bar_groups[key]
 
 
 def cluster_cpus() -> int:

@@ -50,6 +50,7 @@ from . import storage
 from .config import PipelineConfig, apply_override, from_dict, to_dict
 from .errors import ConfigError, StageError
 from .run import Run
+from .runtime import write_parquet
 
 TRAINABLE_SECTIONS = {
     "refine": ("seeds.", "crf.", "cams.scales", "cams.flip"),
@@ -113,6 +114,8 @@ def load_spec(name: str, overrides: dict | None = None) -> SweepSpec:
         raise ConfigError(f"{path}: trainable must be one of {', '.join(TRAINABLE_SECTIONS)}")
     if spec.mode not in ("max", "min"):
         raise ConfigError(f"{path}: mode must be max or min")
+    if spec.cpus_per_trial < 0:
+        raise ConfigError(f"{path}: cpus_per_trial must be >= 0")
     for key, dom in spec.space.items():
         if not key.startswith(TRAINABLE_SECTIONS[spec.trainable]):
             raise ConfigError(f"{path}: key {key} cannot vary in a {spec.trainable} sweep "
@@ -350,11 +353,23 @@ def build_cache(config: PipelineConfig, run: Run, path: str, scales, flip) -> No
         compute=ray.data.ActorPoolStrategy(size=actor_count(cfg)),
         batch_size=cfg.batch_size, batch_format="numpy", num_cpus=cfg.cpus_per_actor)
     tmp = storage.temp_sibling(path)
-    out.write_parquet(tmp)
+    write_parquet(out, tmp, config.ray)
     storage.publish(tmp, path)
 
 
 # ---------------------------------------------------------------- driver
+
+def trial_resources(spec: SweepSpec) -> dict:
+    """What a trial's own process reserves. A classifier trial only drives a Ray Train
+    fit whose workers and data tasks reserve their own CPUs: it must hold none, or on a
+    small machine the fit's data tasks wait for the CPU the trial holds (a deadlock).
+    Tune cannot place a trial that asks for nothing, so `cpus_per_trial: 0` asks for a
+    token 1 MB of the logical `memory` resource instead."""
+    if spec.cpus_per_trial > 0:
+        return {"cpu": spec.cpus_per_trial}
+    return {"cpu": 0, "memory": 2**20}
+
+
 
 def run_sweep(config: PipelineConfig, run: Run, spec: SweepSpec, force: bool = False) -> dict:
     """Run (or resume) a sweep; returns {"rows": [...], "best": {...}, "dir": ...}."""
@@ -383,7 +398,7 @@ def run_sweep(config: PipelineConfig, run: Run, spec: SweepSpec, force: bool = F
             build_cache(config, run, cache, scales, flip)
         ctx.update(cache=cache, scales=scales, flip=flip)
     trainable = tune.with_parameters(TRIALS[spec.trainable], ctx=ctx)
-    trainable = tune.with_resources(trainable, {"cpu": spec.cpus_per_trial})
+    trainable = tune.with_resources(trainable, trial_resources(spec))
     path = storage.join(tune_dir, exp)
     if not force and tune.Tuner.can_restore(path):
         print(f"[ray-wsss] sweep {spec.name}: resuming {path}", flush=True)

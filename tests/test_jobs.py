@@ -47,9 +47,13 @@ def ray_cluster():
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # --block: ray stops this cluster's processes
         try:
-            proc.wait(60)
+            proc.wait(10)
         except subprocess.TimeoutExpired:
+            # its graceful stop takes half a minute; nothing of this throwaway cluster
+            # needs saving: kill the group, then anything still naming its temp dir
             os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        subprocess.run(["pkill", "-9", "-f", tmp], check=False)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -1,7 +1,12 @@
 """A tiny `thresholds` sweep on a local Ray: the best trial is at least the base config's,
 the base trial reproduces the pipeline's numbers, and the best config is runnable."""
+import glob
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import yaml
@@ -11,7 +16,7 @@ from ray_wsss.errors import ConfigError
 from ray_wsss.run import Run
 from ray_wsss.sweep import load_spec, run_sweep
 
-from .conftest import REPO
+from .conftest import REPO, TINY_OVERRIDES
 
 pytestmark = pytest.mark.slow
 
@@ -57,3 +62,66 @@ def test_tiny_thresholds_sweep(copy_run, tiny_run):
     # the report gains a sweep section
     from ray_wsss.report import sweep_sections
     assert "Sweep thresholds" in sweep_sections(run)
+
+
+def test_a_sweep_whose_driver_was_killed_resumes_without_redoing_finished_trials(
+        copy_run, tiny_run, tmp_path):
+    """`ray-wsss sweep` killed (driver and its local Ray) after two trials; started again
+    it restores the experiment: the finished trials are kept, the rest run, and the
+    result has every trial once."""
+    root = copy_run("sweep-kill")
+    spec_file = tmp_path / "kill.yaml"
+    spec_file.write_text(yaml.safe_dump({
+        "trainable": "refine", "metric": "crf_miou", "mode": "max", "num_samples": 6,
+        "search": "random", "max_concurrent": 1, "cpus_per_trial": 1,
+        "space": {"seeds.background_threshold": {"uniform": [0.1, 0.6]}}}))
+    cmd = [sys.executable, "-m", "ray_wsss.cli", "sweep", str(spec_file),
+           os.path.join(REPO, "configs", "demo.yaml"), *TINY_OVERRIDES, "--run-dir", root]
+    env = dict(os.environ, RAY_ADDRESS="")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env=env)
+    results = os.path.join(root, "sweeps", "kill", "tune", "*", "*", "result.json")
+
+    def finished():
+        return {os.path.dirname(f) for f in glob.glob(results) if os.path.getsize(f) > 0}
+    deadline = time.time() + 240
+    try:
+        while len(finished()) < 2:
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.time() < deadline, "two trials did not finish in time"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = {d: os.path.getmtime(os.path.join(d, "result.json")) for d in finished()}
+    assert 2 <= len(before) < 6
+    assert not os.path.exists(os.path.join(root, "sweeps", "kill", "results.json"))
+
+    rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "resuming" in rerun.stdout
+    saved = json.load(open(os.path.join(root, "sweeps", "kill", "results.json")))
+    trials = [t for t in saved["trials"] if t["metric"] is not None]
+    assert len(trials) == 6 and len({t["trial"] for t in trials}) == 6
+    for d, mtime in before.items():  # a finished trial was not run again
+        assert os.path.getmtime(os.path.join(d, "result.json")) == mtime
+
+
+def test_a_classifier_sweep_fits_one_model_per_trial(copy_run, tiny_run):
+    """The `classifier` trainable on a local Ray: each trial is a Ray Train fit whose
+    val mAP reaches Tune every epoch (ASHA may stop it); a trial holds no CPU of its
+    own (cpus_per_trial 0), so the fit's workers and data tasks get them all."""
+    root = copy_run("sweep-classifier")
+    run = Run(tiny_run.config, root)
+    from ray_wsss.config import replace
+    config = replace(run.config, **{"classifier.epochs": 1})
+    spec = load_spec("regularizers", {
+        "num_samples": 2, "search": "random", "grace_period": 1, "max_concurrent": 2,
+        "space": {"classifier.lr": {"choice": [0.05, 0.001]}}})
+    assert spec.cpus_per_trial == 0
+    result = run_sweep(config, Run(config, root), spec)
+    trials = [t for t in result["rows"] if t["metric"] is not None]
+    assert len(trials) == 2 and all(0 <= t["metric"] <= 100 for t in trials)
+    assert all(t["epochs"] == 1 for t in trials)
+    best_yaml = os.path.join(root, "sweeps", "regularizers", "best.yaml")
+    assert load_config(best_yaml).classifier.lr == result["best"]["params"]["classifier.lr"]

@@ -107,13 +107,15 @@ def run_explain(config: PipelineConfig, run: Run, methods: list[str]) -> dict:
     ids = sorted(index.column("image_id").to_pylist())
     with_gt = sorted(i for i, ok in zip(index.column("image_id").to_pylist(),
                                         index.column("mask").is_valid().to_pylist()) if ok)
-    pool = with_gt or ids
-    sample_ids = pool[:: max(1, len(pool) // max(ecfg.sample_images, 1))][:ecfg.sample_images]
+    keep = None
     if ecfg.max_images:
-        keep = ids[:: max(1, len(ids) // ecfg.max_images)][:ecfg.max_images]
-        keep = sorted(set(keep) | set(sample_ids))
-    else:
-        keep = None
+        # an evenly spaced subset, preferring images with ground truth (seed mIoU)
+        pool = with_gt if len(with_gt) >= ecfg.max_images else ids
+        keep = pool[:: max(1, len(pool) // ecfg.max_images)][:ecfg.max_images]
+    # the report's side-by-side images come from the explained ones
+    has_gt = set(with_gt)
+    pool = [i for i in (keep or ids) if i in has_gt] or keep or ids
+    sample_ids = pool[:: max(1, len(pool) // max(ecfg.sample_images, 1))][:ecfg.sample_images]
     ds = open_dataset(run.dataset_path, ["image_id", "image", "mask", "label_vector"],
                       list(ecfg.splits), rows_per_block=ecfg.batch_size, ids=keep)
     use_gpu = cfg.gpus_per_actor > 0

@@ -89,11 +89,13 @@ def d_minmax(model, images, classes, opts: MethodOptions = MethodOptions()):
         return _maps(feats, weights, classes), model.logits_from_features(feats)
 
 
-def head_gradients(model, feats: torch.Tensor, coeffs: torch.Tensor, chunk: int = 8
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """d(sum_j coeffs[j, b, :] . s_b)/dA_b for every job j in batched backwards.
+def head_weights(model, feats: torch.Tensor, coeffs: torch.Tensor, weights_fn,
+                 chunk: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Channel weights from d(sum_j coeffs[j, b, :] . s_b)/dA_b for every job j, in
+    batched backwards of `chunk` jobs; each chunk's gradients are turned into weights
+    by `weights_fn(grads, feats)` and dropped, so memory holds one chunk of gradients.
 
-    feats (B, C, h, w), coeffs (J, B, K) -> grads (J, B, C, h, w), logits (B, K)."""
+    feats (B, C, h, w), coeffs (J, B, K) -> weights (J, B, C), logits (B, K)."""
     f = feats.detach().requires_grad_(True)
     with torch.enable_grad():
         logits = model.logits_from_features(f)
@@ -102,8 +104,10 @@ def head_gradients(model, feats: torch.Tensor, coeffs: torch.Tensor, chunk: int 
             c = coeffs[i:i + chunk]
             (g,) = torch.autograd.grad(logits, f, grad_outputs=c, is_grads_batched=True,
                                        retain_graph=True)
-            parts.append(g)
-    return torch.cat(parts) if parts else f.new_zeros((0, *f.shape)), logits.detach()
+            parts.append(weights_fn(g, feats))
+            del g
+    weights = torch.cat(parts) if parts else f.new_zeros((0, *f.shape[:2]))
+    return weights, logits.detach()
 
 
 def _grad_method(weights_fn, objective: str = "plain"):
@@ -119,10 +123,9 @@ def _grad_method(weights_fn, objective: str = "plain"):
                 others[:, u] = 0
                 coeffs[j] = -opts.lambda_neg * others / _others(classes)[:, :, 0]
             coeffs[j, :, u] = opts.lambda_pos if objective == "minmax" else 1.0
-        grads, logits = head_gradients(model, feats, coeffs, opts.grad_chunk)
+        alpha, logits = head_weights(model, feats, coeffs, weights_fn, opts.grad_chunk)
         maps = torch.zeros(b, k, *feats.shape[2:], device=images.device, dtype=feats.dtype)
         if len(wanted):
-            alpha = weights_fn(grads, feats)                      # (J, B, C)
             m = F.relu(torch.einsum("bchw,jbc->jbhw", feats, alpha))
             maps[:, wanted] = m.permute(1, 0, 2, 3)
         return maps * classes[:, :, None, None], logits

@@ -18,6 +18,7 @@ from ..data.codecs import decode_image, encode_array
 from ..data.dataset import label_matrix, open_dataset, read_table, vector_to_labels
 from ..errors import ConfigError
 from ..run import Run
+from ..runtime import write_parquet
 
 PASSTHROUGH = ("image_id", "split", "image", "mask", "label_vector")
 
@@ -125,5 +126,5 @@ def run(config, run: Run) -> dict:
         raise ConfigError("cams.mcis_peers > 0 needs a classifier trained with "
                           "regularizers.mcis.enabled: true")
     with run.output("cams") as out:
-        cam_dataset(config, run).write_parquet(out)
+        write_parquet(cam_dataset(config, run), out, config.ray)
     return {}

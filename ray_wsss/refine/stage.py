@@ -12,6 +12,7 @@ from ..config import CrfConfig, SeedConfig
 from ..data.codecs import decode_array, decode_image, encode_mask
 from ..data.dataset import label_matrix, open_dataset, vector_to_labels
 from ..run import Run
+from ..runtime import write_parquet
 from .crf import crf_mask
 from .seeds import seed_mask
 
@@ -45,5 +46,5 @@ def run(config, run: Run) -> dict:
                         batch_size=config.crf.batch_size, batch_format="numpy",
                         num_cpus=config.crf.cpus_per_task)
     with run.output("crf") as out:
-        ds.write_parquet(out)
+        write_parquet(ds, out, config.ray)
     return {}

@@ -30,6 +30,14 @@ def test_explain_table_and_cam_seed_miou_match_the_pipeline(tiny_run, copy_run):
     assert run.read_metrics()["explain"]["rows"][0]["method"] == "cam"
 
 
+def test_max_images_is_the_number_explained(tiny_run, copy_run):
+    from ray_wsss.config import replace
+
+    run = Run(replace(tiny_run.config, **{"explain.max_images": 10}), copy_run("subset"))
+    result = run_explain(run.config, run, ["cam"])
+    assert result["images"] == 10
+
+
 def test_explain_rejects_unknown_methods(tiny_run):
     with pytest.raises(ConfigError, match=r"unknown 'gradcam\+'"):
         run_explain(tiny_run.config, tiny_run, ["cam", "gradcam+"])

@@ -55,15 +55,24 @@ def close(a, b):
 
 # ---------------------------------------------------------------- references
 
-def ref_grad(model, x, target_fn):
-    """Per-image: features (with grad), the scalar target, its gradient dT/dA."""
-    feats = model.features(x[None]).detach().requires_grad_(True)
-    logits = model.logits_from_features(feats)[0]
-    (g,) = torch.autograd.grad(target_fn(logits), feats)
-    return feats.detach()[0], g[0]
+def ref_grad(model, x, target_fn, head_only=False):
+    """Per-image: features, the scalar target, its gradient dT/dA.
+
+    As a hand-written Grad-CAM does it (pytorch-grad-cam's hooks): one forward through
+    the whole model with autograd and a backward from the target through everything;
+    `head_only` differentiates the head alone, on detached features."""
+    if head_only:
+        feats = model.features(x[None]).detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(target_fn(model.logits_from_features(feats)[0]), feats)
+        return feats.detach()[0], g[0]
+    model.zero_grad(set_to_none=True)
+    feats = model.features(x[None].clone().requires_grad_(True))
+    feats.retain_grad()
+    target_fn(model.logits_from_features(feats)[0]).backward()
+    return feats.detach()[0], feats.grad[0]
 
 
-def reference(method, model, x, classes, opts=MethodOptions()):
+def reference(method, model, x, classes, opts=MethodOptions(), head_only=False):
     out = torch.zeros(x.shape[0], classes.shape[1], *model.features(x[:1]).shape[2:],
                       dtype=x.dtype)
     for b in range(x.shape[0]):
@@ -77,7 +86,7 @@ def reference(method, model, x, classes, opts=MethodOptions()):
                 else:
                     def target(s, u=u):
                         return s[u]
-                A, g = ref_grad(model, x[b], target)
+                A, g = ref_grad(model, x[b], target, head_only)
                 if method == "gradcampp":
                     alpha = torch.zeros(A.shape[0], dtype=A.dtype)
                     for k in range(A.shape[0]):
@@ -129,6 +138,15 @@ def test_method_equals_the_per_image_per_class_reference(name, cls):
     close(maps, reference(name, model, x, classes, opts))
     assert maps.min() >= 0
     assert torch.all(maps[classes == 0] == 0)
+
+
+@pytest.mark.parametrize("name", ["gradcam", "gradcampp", "minmax-gradcam"])
+def test_head_only_gradients_equal_gradients_through_the_whole_model(name):
+    """The batched methods differentiate the head alone; the reference goes through the
+    whole model. ds/dA is the same either way."""
+    model = make(SoftplusHead)
+    x, classes = batch()
+    close(reference(name, model, x, classes, head_only=True), reference(name, model, x, classes))
 
 
 def _normalised(m):
