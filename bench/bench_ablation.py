@@ -87,7 +87,11 @@ def main():
             overrides = [f"regularizers.oc_cse.oc_model={oc_model}" if o == "OC" else o
                          for o in extra] + list(args.overrides)
             print(f"[{row}] {name}", flush=True)
-            result = run_row(args.config, run_dir, overrides, log)
+            try:
+                result = run_row(args.config, run_dir, overrides, log)
+            except (RuntimeError, OSError, KeyError) as err:
+                print(f"  failed: {err}", flush=True)
+                continue
             s = summary(result)
             stages = result["stages"]
             train_s = stages["classifier"]["seconds"]
@@ -98,10 +102,13 @@ def main():
                 total = sum(st["seconds"] for st in stages.values())
             s.update(name=name, train_s=train_s, total_s=total, crf_best=None)
             if not args.no_best_crf:
-                at_best = run_row(args.config, run_dir,
-                                  overrides + [f"seeds.background_threshold={s['threshold']}"],
-                                  log)
-                s["crf_best"] = summary(at_best)["crf"]
+                try:
+                    at_best = run_row(
+                        args.config, run_dir,
+                        overrides + [f"seeds.background_threshold={s['threshold']}"], log)
+                    s["crf_best"] = summary(at_best)["crf"]
+                except (RuntimeError, OSError, KeyError) as err:
+                    print(f"  CRF at the best threshold failed: {err}", flush=True)
             table.append(s)
             print(f"  seed {s['seed']:.1f} (thr {s['threshold']:.2f}), CRF {s['crf']:.1f}, "
                   f"val mAP {s['val_map']:.1f}, training {train_s:.0f} s, all {total:.0f} s",
