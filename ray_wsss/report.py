@@ -19,7 +19,7 @@ import numpy as np
 
 from . import storage
 from .data.codecs import PALETTE, decode_array, decode_image, decode_mask
-from .data.dataset import DatasetInfo, read_table, vector_to_labels
+from .data.dataset import DatasetInfo, evenly_spaced, read_table, vector_to_labels
 
 THUMB = 220  # longest side of gallery pictures, pixels
 
@@ -259,7 +259,7 @@ def sample_rows(run, split: str, n: int) -> list[dict]:
     pool = sorted(i for i, g in zip(ids, has_gt) if g) or sorted(ids)
     if not pool:
         return []
-    chosen = pool[:: max(1, len(pool) // n)][:n]
+    chosen = evenly_spaced(pool, n)
     masks = {r["image_id"]: r for r in read_table(
         crf_path, ["image_id", "seed", "pseudo_mask"], ids=chosen).to_pylist()}
     rows = []

@@ -370,7 +370,6 @@ def trial_resources(spec: SweepSpec) -> dict:
     return {"cpu": 0, "memory": 2**20}
 
 
-
 def run_sweep(config: PipelineConfig, run: Run, spec: SweepSpec, force: bool = False) -> dict:
     """Run (or resume) a sweep; returns {"rows": [...], "best": {...}, "dir": ...}."""
     from ray import tune

@@ -22,7 +22,8 @@ import numpy as np
 from .. import storage
 from ..config import PipelineConfig
 from ..data.codecs import decode_image, decode_mask, encode_array
-from ..data.dataset import label_matrix, open_dataset, read_table, vector_to_labels
+from ..data.dataset import (evenly_spaced, label_matrix, open_dataset, read_table,
+                            vector_to_labels)
 from ..errors import ConfigError, StageError
 from ..evaluate import ConfusionMatrix
 from ..run import Run
@@ -110,12 +111,13 @@ def run_explain(config: PipelineConfig, run: Run, methods: list[str]) -> dict:
     keep = None
     if ecfg.max_images:
         # an evenly spaced subset, preferring images with ground truth (seed mIoU)
-        pool = with_gt if len(with_gt) >= ecfg.max_images else ids
-        keep = pool[:: max(1, len(pool) // ecfg.max_images)][:ecfg.max_images]
-    # the report's side-by-side images come from the explained ones
+        keep = evenly_spaced(with_gt if len(with_gt) >= ecfg.max_images else ids,
+                             ecfg.max_images)
+    # the report's side-by-side images come from the explained ones, ground truth first
+    explained = keep or ids
     has_gt = set(with_gt)
-    pool = [i for i in (keep or ids) if i in has_gt] or keep or ids
-    sample_ids = pool[:: max(1, len(pool) // max(ecfg.sample_images, 1))][:ecfg.sample_images]
+    sample_ids = evenly_spaced([i for i in explained if i in has_gt] or explained,
+                               ecfg.sample_images)
     ds = open_dataset(run.dataset_path, ["image_id", "image", "mask", "label_vector"],
                       list(ecfg.splits), rows_per_block=ecfg.batch_size, ids=keep)
     use_gpu = cfg.gpus_per_actor > 0

@@ -91,6 +91,12 @@ def vector_to_labels(vector: np.ndarray) -> np.ndarray:
     return np.flatnonzero(np.asarray(vector)) + 1
 
 
+def evenly_spaced(ids: list, n: int) -> list:
+    """At most n items of `ids` at an even stride from its start (sample images spread
+    over the sorted ids, not the first n)."""
+    return ids[:: max(1, len(ids) // max(n, 1))][:n]
+
+
 def labels_from_mask(mask: np.ndarray, info: DatasetInfo) -> list[int]:
     values = np.unique(mask)
     return [int(v) for v in values if 1 <= v <= info.num_classes]
