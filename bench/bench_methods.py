@@ -4,9 +4,18 @@ over the naive per-image, per-class loop that the correctness tests use as refer
 For the gradient methods the naive loop is a hand-written Grad-CAM (one forward with
 autograd and one backward through the whole model per image and class, as with
 pytorch-grad-cam's hooks); the last column is the speed-up over a cheaper naive loop
-that, like the batched code, differentiates the head alone.
+that, like the batched code, differentiates the head alone (methods on the last stage's
+features only). The naive loops of the other methods: FullGrad with hooks on every
+biased layer, fused LayerCAM with retained stage gradients, the input gradient and
+SmoothGrad's noisy copies one backward per image and class (and copy), Ablation-CAM one
+channel per forward of the head, Eigen-CAM one eigendecomposition per image.
 
     python bench/bench_methods.py [--images 64] [--model-dir RUN/classifier] [--threads 2]
+        [--methods cam,gradcam,...] [--tta-images 8]
+
+Costly methods (Score-CAM, SmoothGrad) run on fewer images (`SLOW`), and Score-CAM
+without TTA; `--tta-images` caps the images of every TTA row (4 scales + flip is 8
+passes per image).
 
 The demo architecture (resnet_mini, 160x160 images, 6 classes); images carry their
 demo labels (1 to 3 classes each), so every method explains the same classes.
@@ -34,6 +43,12 @@ from ray_wsss.data.dataset import parquet_files, vector_to_labels  # noqa: E402
 from ray_wsss.models.classifier import load_classifier  # noqa: E402
 
 TTA = {"no TTA": ((1.0,), False), "TTA 4 scales + flip": ((1.0, 0.5, 1.5, 2.0), True)}
+# the methods whose naive loop differentiates the whole model while the batched code
+# differentiates the head alone
+HEAD_GRADIENT = ("gradcam", "gradcampp", "minmax-gradcam", "hirescam", "xgradcam",
+                 "layercam", "eigengradcam")
+# costly methods: (images timed, images in the naive loop)
+SLOW = {"scorecam": (8, 4), "smoothgrad": (8, 4)}
 
 
 def rate(fn, n: int, repeats: int = 2) -> float:
@@ -54,6 +69,7 @@ def main():
     ap.add_argument("--model-dir")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--tta-images", type=int, default=16)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     run, model_dir = scratch_run(args.images, model_dir=args.model_dir)
@@ -73,12 +89,13 @@ def main():
           f"{'naive img/s':>13s}{'x naive (b=32)':>16s}{'x head-only naive':>19s}")
     for name in args.methods.split(","):
         fn = METHODS[name]
-        naive_n = min(n, 4 if name == "scorecam" else 16)
+        slow = SLOW.get(name)
+        naive_n = min(n, slow[1] if slow else 16)
         naive = rate(lambda: reference(name, model, x[:naive_n], classes[:naive_n], opts),
                      naive_n)
-        gradient = name in ("gradcam", "gradcampp", "minmax-gradcam")
         head_only = rate(lambda: reference(name, model, x[:naive_n], classes[:naive_n], opts,
-                                           head_only=True), naive_n) if gradient else None
+                                           head_only=True), naive_n) \
+            if name in HEAD_GRADIENT else None
         for tta, (scales, flip) in TTA.items():
             if name == "scorecam" and tta != "no TTA":
                 continue  # hundreds of forward passes per image and scale
@@ -86,14 +103,15 @@ def main():
                 for i in range(0, count, bs):
                     j = min(i + bs, count)
                     tta_maps(model, fn, x[i:j], sets[i:j], scales, flip, opts)
-            m = min(n, 8) if name == "scorecam" else n
+            m = min(n, slow[0]) if slow else n
+            if tta != "no TTA":
+                m = min(m, args.tta_images)
             r1 = rate(lambda: batched(1, m), m)
             r32 = rate(lambda: batched(32, m), m)
             ratio = f"{r32 / naive:16.1f}" if tta == "no TTA" else f"{'':16s}"
             if tta == "no TTA" and head_only:
                 ratio += f"{r32 / head_only:19.1f}"
             print(f"{name:16s}{tta:>22s}{r1:11.1f}{r32:12.1f}{naive:13.1f}{ratio}", flush=True)
-
 
 if __name__ == "__main__":
     main()

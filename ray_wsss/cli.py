@@ -72,7 +72,27 @@ def cmd_stage(args) -> int:
     config = _config(args)
     run = Run(config)
     storage.makedirs(run.root)
-    run_stage(args.name, config, run, force=args.force)
+    run_stage(args.name, config, run, force=args.force, round=args.round)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export
+
+    result = export(args.run_dir, args.what, args.out,
+                    splits=args.splits.split(",") if args.splits else None,
+                    round=args.round, overwrite=args.overwrite)
+    print(f"exported {result['files']} file(s) ({args.what}, step {result['step']}) "
+          f"into {result['path']}")
+    return 0
+
+
+def cmd_unlock(args) -> int:
+    from .lock import break_lock, describe
+
+    holder = break_lock(storage.resolve(args.run_dir))
+    print("no lock held" if holder is None else f"lock broken (it was held by "
+          f"{describe(holder)})")
     return 0
 
 
@@ -146,12 +166,21 @@ def print_summary(root: str) -> None:
     if ev:
         cams = ev["cams"]
         t = cams["best_threshold"]
-        rows = [
-            (f"CAM seeds (best threshold {t})" if t is not None else "CAM seeds (argmax)",
-             cams["best"]),
-            (f"CAM seeds (threshold {ev['seeds']['background_threshold']})", ev["seeds"]),
-            ("CRF pseudo masks", ev["crf"]),
-        ]
+        configured = ev["seeds"].get("background_threshold")
+        if t is None:  # no background class: seeds are the argmax, no threshold applies
+            rows = [("CAM seeds (argmax)", cams["best"])]
+        elif t == configured:
+            rows = [(f"CAM seeds (threshold {t}, the best)", cams["best"])]
+        else:
+            rows = [(f"CAM seeds (best threshold {t})", cams["best"]),
+                    (f"CAM seeds (threshold {configured})", ev["seeds"])]
+        rows.append(("CRF pseudo masks", ev["crf"]))
+        model = metrics.get("predict", {}).get("scores", {})
+        for split in ev["splits"]:
+            if split in model:
+                rows.append(("segmentation model", model[split]["prediction"]))
+                if "prediction_crf" in model[split]:
+                    rows.append(("segmentation model + CRF", model[split]["prediction_crf"]))
         print()
         print(f"Evaluation on split(s) {', '.join(ev['splits'])}: {ev['images']} images "
               "with ground truth")
@@ -161,7 +190,11 @@ def print_summary(root: str) -> None:
                   f"{100 * m['mean_f1']:9.1f}")
     cls = metrics.get("classifier")
     if cls and cls.get("val_map") is not None:
-        print(f"classifier: val mAP {cls['val_map']:.1f} after {cls.get('epoch')} epochs")
+        # with no negative example in val, any scores give the top mAP
+        note = (" (every val image holds every class: this measures nothing)"
+                if cls.get("val_all_positive") else "")
+        print(f"classifier: val mAP {cls['val_map']:.1f}{note} after {cls.get('epoch')} "
+              "epochs")
     report = storage.join(root, "report", "index.html")
     if storage.exists(report):
         print(f"report: {report}")
@@ -175,13 +208,32 @@ def _subset(spec: str) -> tuple[str, str, str | None]:
     return split, images, masks or None
 
 
+def _pair(flag: str, names: str):
+    """argparse type of `--tiles 3x3` / `--tile-size 240x320`: two positive integers."""
+    def parse(spec: str) -> tuple[int, int]:
+        a, sep, b = spec.lower().partition("x")
+        if not sep or not a.strip().isdigit() or not b.strip().isdigit() \
+                or min(int(a), int(b)) < 1:
+            raise argparse.ArgumentTypeError(f"{flag} {spec!r}: expected {names}, e.g. 3x3")
+        return int(a), int(b)
+    return parse
+
+
 def cmd_import(args) -> int:
     from .data import importers
 
+    tile_splits = [s.strip() for s in (args.tile_splits or "").split(",") if s.strip()]
     opts = importers.ImportOptions(mask_offset=getattr(args, "mask_offset", 0),
                                    ignore_values=tuple(getattr(args, "ignore_value", None) or ()),
                                    max_image_side=args.max_image_side, skip_bad=args.skip_bad,
-                                   overwrite=args.overwrite)
+                                   overwrite=args.overwrite, tiles=args.tiles,
+                                   tile_size=args.tile_size,
+                                   tile_min_fraction=args.tile_min_fraction,
+                                   tile_tags=args.tile_tags,
+                                   tile_splits=tuple(tile_splits) or None,
+                                   apply_exif=args.apply_exif,
+                                   max_megapixels=args.max_megapixels,
+                                   train_split=args.train_split)
     if args.format == "voc":
         result = importers.import_voc(args.path, args.out, opts,
                                       splits=args.splits.split(",") if args.splits else None)
@@ -198,11 +250,24 @@ def cmd_import(args) -> int:
     else:
         result = importers.import_coco([(args.split, args.path, args.images)], args.out, opts)
     counts = ", ".join(f"{n} {s}" for s, n in sorted(result.counts.items()))
-    print(f"imported {counts} images into {result.path}")
+    print(f"imported {counts} {'rows' if opts.tiled else 'images'} into {result.path}")
+    if opts.tiled:
+        print(f"tiles: {result.tiles} written, {len(result.skipped_tiles)} skipped (no class "
+              f"on at least {opts.tile_min_fraction:g} of their labelled pixels)"
+              if opts.tile_tags is None else
+              f"tiles: {result.tiles} written, {len(result.skipped_tiles)} skipped (empty "
+              "labels in the tile tags CSV)")
     if result.skipped:
         print(f"skipped {len(result.skipped)} bad input(s):")
         for s in result.skipped:
             print(f"  {s['file']}: {s['reason']}")
+    for split, st in result.label_stats.items():
+        print(f"rows holding each class, {split} ({st['rows']} rows):")
+        shares = [f"{name} {100 * share:.0f}%" for name, share in st["share"].items()]
+        for i in range(0, len(shares), 6):
+            print("  " + ", ".join(shares[i:i + 6]))
+    for warning in result.warnings:
+        print(f"warning: {warning}")
     return 0
 
 
@@ -225,10 +290,31 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("run", help="run the pipeline (finished stages are skipped)")
     run_args(q)
     q.set_defaults(fn=cmd_run)
-    q = sub.add_parser("stage", help="run one stage")
-    q.add_argument("name", help="dataset, classifier, cams, crf, evaluate or report")
+    from .graph import STAGE_NAMES
+    from .pipeline import describe_stages
+
+    q = sub.add_parser("stage", help="run one stage", epilog="stages:\n" + describe_stages(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    q.add_argument("name", choices=STAGE_NAMES, metavar="NAME",
+                   help=", ".join(STAGE_NAMES))
     run_args(q)
+    q.add_argument("--round", type=int, default=1, help="the round of the step (default 1)")
     q.set_defaults(fn=cmd_stage)
+    q = sub.add_parser("export", help="write a run's masks as PNG files, or its model")
+    q.add_argument("run_dir", help="a finished run directory")
+    q.add_argument("--what", required=True,
+                   choices=("pseudo-masks", "seeds", "predictions", "predictions-crf",
+                            "model"),
+                   help="pseudo-masks (CRF), seeds, predictions of the segmentation model "
+                        "(-crf: after its CRF), or the segmentation model's weights")
+    q.add_argument("--out", required=True, help="folder to write (created)")
+    q.add_argument("--splits", help="comma-separated splits (default: every split)")
+    q.add_argument("--round", type=int, default=None, help="round (default: the last)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    q.set_defaults(fn=cmd_export)
+    q = sub.add_parser("unlock", help="break the lock of a run directory whose run died")
+    q.add_argument("run_dir")
+    q.set_defaults(fn=cmd_unlock)
     q = sub.add_parser("explain", help="compare explaining methods: XAI metrics, seed mIoU")
     run_args(q)
     q.add_argument("--methods", help="comma-separated, e.g. cam,gradcam,minmax "
@@ -256,6 +342,26 @@ def build_parser() -> argparse.ArgumentParser:
                        help="skip bad images and report them instead of stopping")
         q.add_argument("--max-image-side", type=int, help="shrink larger images to this")
         q.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+        q.add_argument("--tiles", type=_pair("--tiles", "ROWSxCOLS"), metavar="RxC",
+                       help="cut every image into a grid of tiles, one row each (e.g. 3x3)")
+        q.add_argument("--tile-size", type=_pair("--tile-size", "HEIGHTxWIDTH"), metavar="HxW",
+                       help="cut into the fewest tiles of at most HxW pixels, split evenly")
+        q.add_argument("--tile-min-fraction", type=float, default=0.01,
+                       help="a tile is tagged with the classes on at least this share of "
+                            "its labelled pixels (default 0.01)")
+        q.add_argument("--tile-tags", metavar="CSV",
+                       help="tile tags written by you instead of from the masks (the labels "
+                            "CSV format; image column: tile ids IMAGE@r<i>c<j>)")
+        q.add_argument("--tile-splits", metavar="SPLITS",
+                       help="comma-separated splits to tile (default: every split)")
+        q.add_argument("--apply-exif", action="store_true",
+                       help="rotate images by their EXIF orientation tag (masks drawn on the "
+                            "displayed picture); default: stored pixels, as VOC and COCO")
+        q.add_argument("--max-megapixels", type=float, default=200.0,
+                       help="refuse images whose header claims more (decompression bombs; "
+                            "default 200)")
+        q.add_argument("--train-split", default="train",
+                       help="split whose label statistics warn about crowded classes")
         q.set_defaults(fn=cmd_import)
 
     q = isub.add_parser("voc", help="VOC layout: JPEGImages, SegmentationClass, ImageSets")

@@ -4,9 +4,9 @@
 `key.sub=value` overrides (values parsed as YAML), and checks every key and type, so a
 misspelled key fails with its dotted name instead of being ignored.
 
-Fields listed in `RESOURCE_FIELDS` say how much hardware a stage gets, not what it
-computes: they are left out of the stage hashes, so a run resumed on a bigger cluster
-does not recompute finished stages.
+The stage graph (`graph.py`) says which fields of a section are resources (how much
+hardware a stage gets, not what it computes): they are left out of the stage hashes, so
+a run resumed on a bigger cluster does not recompute finished stages.
 """
 from __future__ import annotations
 
@@ -21,6 +21,19 @@ from typing import Any, Literal
 import yaml
 
 from .errors import ConfigError
+
+# Metadata of config fields added after run directories already existed: such a field is
+# left out of its stage's hash while it holds its default, so adding it does not make
+# finished stages of older runs stale. Use `added(default)` for every new field of an
+# existing section (a new section is not in any older stage's hash anyway).
+ADDED = "hash_only_when_set"
+
+
+def added(default: Any = None, factory: Any = None) -> Any:
+    """A config field added later (see ADDED): `x: float = added(0.5)`."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={ADDED: True})
+    return field(default=default, metadata={ADDED: True})
 
 
 @dataclass(frozen=True)
@@ -61,6 +74,19 @@ class DataConfig:
     background: bool = True       # False: every pixel belongs to a class (e.g. CamVid)
     max_image_side: int | None = None  # larger images (and masks) are resized at import
     skip_bad: bool = False
+    # tiles of large images, each a row tagged with the classes on at least
+    # `tile_min_fraction` of its labelled pixels (or from `tile_tags`, a CSV of tile ids
+    # and labels); `tiles` [rows, cols] or `tile_size` [height, width]; `tile_splits`:
+    # the splits to tile (null: all)
+    tiles: tuple[int, int] | None = added(None)
+    tile_size: tuple[int, int] | None = added(None)
+    tile_min_fraction: float = added(0.01)
+    tile_tags: str | None = added(None)
+    tile_splits: tuple[str, ...] | None = added(None)
+    # rotate images by their EXIF orientation tag (masks drawn on the displayed picture);
+    # default: stored pixels, as VOC and COCO annotations assume
+    apply_exif: bool = added(False)
+    max_megapixels: float = added(200.0)  # larger claimed sizes are refused at import
 
 
 @dataclass(frozen=True)
@@ -221,6 +247,69 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class SegmenterConfig:
+    """DeepLabV3+ (Chen et al. 2018) fitted on the pseudo masks with Ray Train.
+
+    `masks`: which pseudo masks it learns from: `crf` (the dense-CRF masks), `seeds`
+    (the CAM seeds at seeds.background_threshold). `unsure_band` [low, high]: pixels
+    whose highest CAM of the image's classes lies in [low, high) are set to 255 (not
+    learned from) in the chosen masks; null keeps every pixel.
+    The optimizer is SGD with Nesterov-free momentum applied as momentum (not the
+    weight-decay-in-the-momentum-slot of IRN's PolyOptimizer; see README)."""
+    backbone: str | None = None      # null: model.backbone
+    pretrained: str | None = None    # null: model.pretrained
+    output_stride: int = 16          # 16 or 8 (ASPP rates doubled at 8)
+    # where the backbone's weights start: `pretrained` (model.pretrained / this section's),
+    # `classifier` (the fitted classifier's backbone), `scratch`; `auto`: pretrained
+    # where weights are configured, else classifier
+    init: Literal["auto", "pretrained", "classifier", "scratch"] = "auto"
+    # DeepLabV3+ widths: ASPP branches and decoder convs (256 in the paper)
+    aspp_channels: int = 256
+    decoder_channels: int = 256
+    masks: Literal["crf", "seeds"] = "crf"
+    unsure_band: tuple[float, float] | None = None
+    epochs: int = 10
+    batch_size: int = 16             # global batch, split over the workers
+    lr: float = 0.01
+    head_lr_multiplier: float = 10.0
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 0.0
+    crop_size: int = 128
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    hflip: bool = True
+    color_jitter: float = 0.3
+    train_split: str = "train"
+    val_split: str | None = "val"
+    seed: int = 0
+    cache_images: bool = True
+    # resources (not part of the stage hash)
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    torch_threads: int | None = None
+    max_failures: int = 2
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """The segmentation model applied to images (Ray Data actors): multi-scale + flip
+    TTA over softmax scores, optionally refined by the dense CRF of the `crf` section."""
+    scales: tuple[float, ...] = (1.0,)
+    flip: bool = True
+    crf: bool = False
+    splits: tuple[str, ...] = ("train", "val")
+    evaluate_splits: tuple[str, ...] = ("val",)
+    max_image_side: int | None = 1024
+    batch_size: int = 8
+    # resources
+    num_actors: int | None = None
+    cpus_per_actor: int = 1
+    gpus_per_actor: float = 0.0
+    torch_threads: int | None = None
+
+
+@dataclass(frozen=True)
 class ExplainConfig:
     """`ray-wsss explain`: XAI metrics and seed mIoU per explaining method (uses the
     cams section's scales, flip, lambdas and resources)."""
@@ -256,6 +345,9 @@ class RayConfig:
     # process each, ~100 MB); on a local instance the pool is capped at this, null: the
     # instance's CPU count (at most 32). Clusters keep Ray's default.
     local_footer_readers: int | None = None
+    # A stage asked to use GPUs (classifier.use_gpu, cams.gpus_per_actor, ...) where torch
+    # sees no CUDA device fails at once; true lets it run on the CPU with a warning.
+    allow_cpu_fallback: bool = False
 
 
 @dataclass(frozen=True)
@@ -270,19 +362,13 @@ class PipelineConfig:
     seeds: SeedConfig = field(default_factory=SeedConfig)
     crf: CrfConfig = field(default_factory=CrfConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
     explain: ExplainConfig = field(default_factory=ExplainConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
 
-RESOURCE_FIELDS = {
-    "classifier": {"num_workers", "use_gpu", "cpus_per_worker", "torch_threads",
-                   "max_failures", "cache_images"},
-    "cams": {"batch_size", "num_actors", "cpus_per_actor", "gpus_per_actor", "torch_threads",
-             "scorecam_batch"},
-    "crf": {"batch_size", "cpus_per_task"},
-    "evaluate": {"batch_size"},
-}
 
 
 # ---------------------------------------------------------------- loading
@@ -409,7 +495,10 @@ def load_config(path: str | None = None, overrides: typing.Iterable[str] = (),
     for override in overrides:
         apply_override(data, override)
     try:
-        return from_dict(PipelineConfig, data)
+        config = from_dict(PipelineConfig, data)
+        from .validate import validate  # here: validate.py imports this module
+        validate(config)
+        return config
     except ConfigError as exc:
         if path is not None:
             raise ConfigError(f"{path}: {exc}") from None
@@ -424,17 +513,37 @@ def _merge(a: dict, b: dict) -> dict:
 
 
 def section_hash(config: PipelineConfig, sections: typing.Iterable[str],
-                 upstream: typing.Iterable[str] = ()) -> str:
-    """Hash of the named config sections (resource fields excluded) and upstream hashes."""
+                 upstream: typing.Iterable[str] = (),
+                 resources: typing.Mapping[str, typing.Iterable[str]] | None = None) -> str:
+    """Hash of the named config sections (the `resources` fields of each excluded;
+    default: what the stage graph declares as resources) and upstream hashes."""
+    if resources is None:
+        from .graph import resource_fields  # here: graph.py imports the stages
+        resources = resource_fields()
     payload = {}
     for name in sections:
-        values = to_dict(getattr(config, name))
-        if isinstance(values, dict):
-            values = {k: v for k, v in values.items() if k not in RESOURCE_FIELDS.get(name, ())}
-        payload[name] = values
+        payload[name] = _hashed_values(getattr(config, name), (resources or {}).get(name, ()))
     payload["upstream"] = list(upstream)
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _hashed_values(section: Any, skip: typing.Iterable[str] = ()) -> Any:
+    """A section as hashed: resource fields left out, and fields added later (ADDED)
+    left out while they hold their default, recursively."""
+    if not dataclasses.is_dataclass(section):
+        return to_dict(section)
+    out = {}
+    for f in dataclasses.fields(section):
+        if f.name in skip:
+            continue
+        value = getattr(section, f.name)
+        if f.metadata.get(ADDED):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if value == default:
+                continue
+        out[f.name] = _hashed_values(value)
+    return out
 
 
 def replace(config: Any, **changes: Any) -> Any:

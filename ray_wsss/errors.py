@@ -30,3 +30,8 @@ class DataError(WsssError):
 
 class StageError(WsssError):
     """A pipeline stage cannot run: a missing input, an inconsistent run directory."""
+
+
+class LockError(StageError):
+    """The run directory is owned by another run (`ray_wsss.lock`): names the holder
+    and how to break the lock."""

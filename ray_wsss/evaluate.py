@@ -152,14 +152,14 @@ def _sums(ds, keys) -> dict[str, np.ndarray]:
     return total
 
 
-def run(config, run) -> dict:
+def run(config, ctx) -> dict:
     """Evaluate CAM seeds over a threshold sweep, the seeds at the configured threshold
     and the CRF pseudo masks on the images of `evaluate.splits` that have ground truth;
     write them to metrics.json."""
     from .data.dataset import open_dataset
     from .errors import StageError
 
-    info = run.dataset_info()
+    info = ctx.dataset_info()
     n = info.num_classes + 1
     names = info.label_names
     exclude = () if info.background else (0,)
@@ -168,7 +168,7 @@ def run(config, run) -> dict:
 
     # stage outputs may be a few large files (ray.output_file_mb): blocks of a batch
     # spread the work over every CPU
-    cams = open_dataset(run.path("cams"), ["image_id", "cam", "mask", "label_vector"],
+    cams = open_dataset(ctx.input("cams"), ["image_id", "cam", "mask", "label_vector"],
                         cfg.splits, require=("mask",), rows_per_block=cfg.batch_size)
     sweep = _sums(cams.map_batches(_sweep_batch, batch_size=cfg.batch_size, batch_format="numpy",
                                fn_kwargs={"thresholds": thresholds, "n_labels": n,
@@ -187,7 +187,7 @@ def run(config, run) -> dict:
     }
 
     cols = ("seed", "pseudo_mask")
-    crf = open_dataset(run.path("crf"), ["image_id", "mask", *cols], cfg.splits,
+    crf = open_dataset(ctx.input("crf"), ["image_id", "mask", *cols], cfg.splits,
                        require=("mask",), rows_per_block=cfg.batch_size)
     totals = _sums(crf.map_batches(_masks_batch, batch_size=cfg.batch_size, batch_format="numpy",
                                 fn_kwargs={"columns": cols, "n_labels": n}), cols)
@@ -196,5 +196,5 @@ def run(config, run) -> dict:
     results = {"splits": list(cfg.splits), "images": int(sweep["images"]),
                "cams": cam_metrics, "seeds": seeds,
                "crf": ConfusionMatrix(n, totals["pseudo_mask"]).metrics(names, exclude)}
-    run.write_metrics("evaluate", results)
+    ctx.write_metrics(results)
     return {"cam_miou": cam_metrics["best"]["miou"], "crf_miou": results["crf"]["miou"]}

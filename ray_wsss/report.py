@@ -186,9 +186,12 @@ def _pct(x) -> str:
     return "–" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{100 * x:.1f}"
 
 
-def _class_table(ev: dict, info: DatasetInfo) -> str:
+def _class_table(ev: dict, info: DatasetInfo, model: dict | None = None) -> str:
+    """Per class: seed IoU, CRF IoU, their difference, CRF F1, and the segmentation
+    model's IoU on the same split when it was scored there."""
     seeds = ev["cams"]["best"]["per_class"]
     crf = ev["crf"]["per_class"]
+    model_pc = (model or {}).get("per_class", {})
     rows = []
     for i, name in enumerate(info.label_names):
         if name not in crf:
@@ -203,12 +206,15 @@ def _class_table(ev: dict, info: DatasetInfo) -> str:
                     f"{html.escape(name)}</td><td>{_pct(s)}</td><td style='text-align:left'>"
                     f"{sbar}</td><td>{_pct(c)}</td><td style='text-align:left'>{bar}</td>"
                     f"<td>{delta}</td><td>{_pct(crf[name]['f1'])}</td>"
-                    f"<td>{crf[name]['gt_pixels']:,}</td></tr>")
+                    + (f"<td>{_pct(model_pc.get(name, {}).get('iou'))}</td>" if model else "")
+                    + f"<td>{crf[name]['gt_pixels']:,}</td></tr>")
     rows.append(f"<tr><th>mean</th><th>{_pct(ev['cams']['best']['miou'])}</th><th></th>"
                 f"<th>{_pct(ev['crf']['miou'])}</th><th></th><th></th>"
-                f"<th>{_pct(ev['crf']['mean_f1'])}</th><th></th></tr>")
+                f"<th>{_pct(ev['crf']['mean_f1'])}</th>"
+                + (f"<th>{_pct(model['miou'])}</th>" if model else "") + "<th></th></tr>")
     return ("<table><tr><th>class</th><th>seed IoU</th><th></th><th>CRF IoU</th><th></th>"
-            "<th>Δ</th><th>CRF F1</th><th>GT pixels</th></tr>" + "".join(rows) + "</table>")
+            "<th>Δ</th><th>CRF F1</th>" + ("<th>model IoU</th>" if model else "")
+            + "<th>GT pixels</th></tr>" + "".join(rows) + "</table>")
 
 
 def _image_iou(gt: np.ndarray, pred: np.ndarray, classes: Sequence[int]) -> float:
@@ -234,13 +240,17 @@ def _gallery_item(row: dict, info: DatasetInfo) -> str:
         figs.append((f"CAM: {info.label_names[c]}", _thumb(heatmap_overlay(image, cam)), False))
     figs.append(("seed", _thumb(mask_overlay(image, seed), True), True))
     figs.append(("CRF pseudo mask", _thumb(mask_overlay(image, pseudo), True), True))
+    pred = decode_mask(row["prediction"]) if row.get("prediction") is not None else None
+    if pred is not None:
+        figs.append(("segmentation model", _thumb(mask_overlay(image, pred), True), True))
     if gt is not None:
         figs.append(("ground truth", _thumb(mask_overlay(image, gt), True), True))
     iou = ""
     if gt is not None:
         keys = list(classes) + ([0] if info.background else [])
+        model = (f" · model {_pct(_image_iou(gt, pred, keys))}" if pred is not None else "")
         iou = (f"<span class='iou'>image mIoU: seed {_pct(_image_iou(gt, seed, keys))} · "
-               f"CRF {_pct(_image_iou(gt, pseudo, keys))}</span>")
+               f"CRF {_pct(_image_iou(gt, pseudo, keys))}{model}</span>")
     names = ", ".join(info.label_names[c] for c in classes)
     strip = "".join(f"<figure><img src='{_png_uri(p)}' alt='{html.escape(t)}'>"
                     f"<figcaption>{html.escape(t)}</figcaption></figure>" for t, p, _ in figs)
@@ -248,26 +258,27 @@ def _gallery_item(row: dict, info: DatasetInfo) -> str:
             f"{html.escape(names)}{iou}</h3><div class='strip'>{strip}</div></div>")
 
 
-def sample_rows(run, split: str, n: int) -> list[dict]:
+def sample_rows(ctx, split: str, n: int) -> list[dict]:
     """n rows (evenly spaced over the sorted ids of `split`, ground truth preferred) with
-    image, CAM, seed, pseudo mask and mask. Only the id and split columns are read in
-    full; the pictures are read for the chosen ids alone."""
-    crf_path, cam_path = run.path("crf"), run.path("cams")
+    image, CAM, seed, pseudo mask, mask and the segmentation model's prediction. Only
+    the id and split columns are read in full; the pictures are read for the chosen ids
+    alone, joined on image_id."""
+    from .data.join import read_joined
+
+    crf_path, cam_path = ctx.input("crf"), ctx.input("cams")
     index = read_table(crf_path, ["image_id", "mask"], [split])
     ids = index.column("image_id").to_pylist()
     has_gt = index.column("mask").is_valid().to_pylist()
     pool = sorted(i for i, g in zip(ids, has_gt) if g) or sorted(ids)
     if not pool:
         return []
-    chosen = evenly_spaced(pool, n)
-    masks = {r["image_id"]: r for r in read_table(
-        crf_path, ["image_id", "seed", "pseudo_mask"], ids=chosen).to_pylist()}
-    rows = []
-    for r in read_table(cam_path, ["image_id", "image", "cam", "label_vector", "mask"],
-                        ids=chosen).to_pylist():
-        r.update(masks[r["image_id"]])
-        rows.append(r)
-    return sorted(rows, key=lambda r: r["image_id"])
+    chosen = sorted(evenly_spaced(pool, n))
+    sources = [(ctx.dataset_path, ["image", "label_vector", "mask"]), (cam_path, ["cam"]),
+               (crf_path, ["seed", "pseudo_mask"])]
+    predictions = ctx.input("predict")
+    if storage.exists(predictions):
+        sources.append((predictions, ["prediction"]))
+    return read_joined(sources, chosen)
 
 
 def explain_section(run, info: DatasetInfo) -> str:
@@ -367,10 +378,16 @@ def sweep_sections(run) -> str:
     return "".join(out)
 
 
-def render_page(run, info: DatasetInfo, metrics: dict, rows: list[dict]) -> str:
+def render_page(run, info: DatasetInfo, metrics: dict, rows: list[dict],
+                predicted: dict | None = None, segmenter: dict | None = None) -> str:
+    """`predicted`: the predict step's metrics, `segmenter`: the segmenter step's."""
     cfg = run.config
     ev = metrics.get("evaluate", {})
     cls = metrics.get("classifier", {})
+    scores = (predicted or {}).get("scores", {})
+    # the model's scores on the split the pseudo masks were scored on, for the table
+    model_same = next((scores[s]["prediction"] for s in (ev.get("splits") or [])
+                       if s in scores), None)
     cards = []
     if ev:
         t = ev["cams"]["best_threshold"]
@@ -382,6 +399,10 @@ def render_page(run, info: DatasetInfo, metrics: dict, rows: list[dict]) -> str:
             ("CRF mean F1", _pct(ev["crf"]["mean_f1"]), f"seeds {_pct(ev['seeds']['mean_f1'])}"),
             ("images evaluated", str(ev["images"]), f"split {', '.join(ev['splits'])}"),
         ]
+    for split, m in scores.items():
+        cards.append((f"segmentation model mIoU ({split})", _pct(m["prediction"]["miou"]),
+                      f"pixel accuracy {_pct(m['prediction']['pixel_accuracy'])} · "
+                      f"{m.get('images', '?')} images"))
     if cls.get("val_map") is not None:
         cards.append(("classifier val mAP", f"{cls['val_map']:.1f}",
                       f"{cls.get('epoch')} epochs · {cfg.model.backbone}"))
@@ -403,6 +424,14 @@ def render_page(run, info: DatasetInfo, metrics: dict, rows: list[dict]) -> str:
             series["val mAP"] = (ep, [h.get("val_map") for h in hist])
         charts += ("<section><h2>Classifier training</h2>"
                    + line_chart(series, "epoch", "value") + "</section>")
+    seg_hist = (segmenter or {}).get("history") or []
+    if seg_hist:
+        ep = [h["epoch"] for h in seg_hist]
+        series = {"train loss ×100": (ep, [100 * h["loss"] for h in seg_hist])}
+        if any("val_miou" in h for h in seg_hist):
+            series["val mIoU (letterboxed)"] = (ep, [h.get("val_miou") for h in seg_hist])
+        charts += ("<section><h2>Segmentation model training</h2>"
+                   + line_chart(series, "epoch", "value") + "</section>")
     legend = "".join(f"<span><span class='sw' style='background:#%02x%02x%02x'></span>%s</span>"
                      % (*PALETTE[i], html.escape(n)) for i, n in enumerate(info.label_names)
                      if i > 0 or info.background)
@@ -412,8 +441,13 @@ def render_page(run, info: DatasetInfo, metrics: dict, rows: list[dict]) -> str:
            f"{html.escape(cfg.model.backbone)} · CAM method {html.escape(cfg.cams.method)}, "
            f"scales {', '.join(map(str, cfg.cams.scales))}{' + flip' if cfg.cams.flip else ''}"
            f" · CRF {cfg.crf.iterations} iterations · {when}")
+    best = ev["cams"]["best_threshold"] if ev else None
+    # without a background class there is no threshold: seeds are the argmax
+    seed_rule = f"best threshold {best}" if best is not None else "argmax over the classes"
     table = (f"<section><h2>Per-class IoU on {html.escape(', '.join(ev['splits']))}: CAM seeds "
-             f"(best threshold) vs CRF pseudo masks</h2>{_class_table(ev, info)}</section>"
+             f"({seed_rule}) vs CRF pseudo masks"
+             f"{' vs the segmentation model' if model_same else ''}</h2>"
+             f"{_class_table(ev, info, model_same)}</section>"
              if ev else "")
     return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'>"
             f"<meta name='viewport' content='width=device-width,initial-scale=1'>"
@@ -428,10 +462,12 @@ def render_page(run, info: DatasetInfo, metrics: dict, rows: list[dict]) -> str:
             f"</main></body></html>")
 
 
-def run(config, run) -> dict:
-    info = run.dataset_info()
-    rows = sample_rows(run, config.report.split, config.report.num_images)
-    page = render_page(run, info, run.read_metrics(), rows)
-    with run.output("report") as out:
+def run(config, ctx) -> dict:
+    info = ctx.dataset_info()
+    rows = sample_rows(ctx, config.report.split, config.report.num_images)
+    metrics = ctx.run.read_metrics()
+    page = render_page(ctx.run, info, metrics, rows, ctx.metrics("predict"),
+                       ctx.metrics("segmenter"))
+    with ctx.output() as out:
         storage.write_bytes_atomic(storage.join(out, "index.html"), page.encode("utf-8"))
-    return {"path": run.path("report", "index.html"), "images": len(rows)}
+    return {"path": storage.join(ctx.path, "index.html"), "images": len(rows)}

@@ -1,40 +1,32 @@
-"""A run directory: where every stage reads its inputs and writes its outputs.
+"""A run directory: where every step reads its inputs and writes its outputs.
 
 ```
-<run>/manifest.json   config, versions, and per stage: status, config hash, run id,
+<run>/manifest.json   config, versions, and per step: status, config hash, run id,
                       the run ids of the inputs it was computed from
-<run>/dataset/  classifier/  cams/  crf/  metrics.json  report/
+<run>/dataset/  classifier/  cams/  crf/  segmenter/  predictions/  report/   round 1
+<run>/rounds/<t>/classifier/  ...                                               round t
+<run>/metrics.json    every evaluation, by step key (`evaluate`, `predict@2`)
 ```
 
-A stage is up to date when the manifest records it done with the current config hash
-*and* with the run ids its upstream stages have now; so re-running an upstream stage
-(`--force`) makes everything downstream stale without any bookkeeping of its own.
+A step (a stage in a round, `graph.Step`) is up to date when the manifest records it
+done with the current config hash *and* with the run ids its input steps have now; so
+re-running an upstream step (`--force`) makes everything downstream stale without any
+bookkeeping of its own. Stage bodies receive a `StepContext`, which resolves their
+inputs' folders for their round and owns their output: no stage names another stage's
+folder.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import hashlib
 import platform
 import uuid
 from typing import Iterator
 
 from . import storage
 from .config import PipelineConfig, section_hash, to_dict
-from .data.dataset import CLASSES_FILE, DatasetInfo, read_info
+from .data.dataset import DatasetInfo, read_info
 from .errors import StageError
-
-
-# name: (config sections that decide its result, upstream stages, outputs in the run dir)
-STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
-    "dataset": (("data",), (), ("dataset",)),
-    "classifier": (("model", "head", "regularizers", "classifier"), ("dataset",),
-                   ("classifier",)),
-    "cams": (("cams",), ("classifier",), ("cams",)),
-    "crf": (("seeds", "crf"), ("cams",), ("crf",)),
-    "evaluate": (("seeds", "evaluate"), ("cams", "crf"), ()),
-    "report": (("report",), ("evaluate",), ("report",)),
-}
 
 
 def versions() -> dict:
@@ -55,6 +47,7 @@ class Run:
         self.root = storage.resolve(run_dir or config.run_dir)
         self.manifest_path = storage.join(self.root, "manifest.json")
         self._fingerprints: dict[str, str | None] = {}
+        self._hashes: dict[str, str] = {}
 
     # ------------------------------------------------------------ paths
     def path(self, *parts: str) -> str:
@@ -72,38 +65,41 @@ class Run:
     def dataset_info(self) -> DatasetInfo:
         return read_info(self.dataset_path)
 
-    def current_hash(self, name: str) -> str:
-        """Hash of what decides stage `name`'s result: its config sections and, through
-        the upstream hashes, everything before it."""
-        sections, upstream, _ = STAGES[name]
-        return section_hash(self.config, sections,
-                            [self.current_hash(u) for u in upstream] + self._external(name))
+    # ------------------------------------------------------------ steps
+    @staticmethod
+    def _step(step) -> "Step":  # noqa: F821
+        from .graph import Step
+        return step if isinstance(step, Step) else Step.parse(step)
 
-    def _external(self, name: str) -> list[str]:
-        """Fingerprints of what stage `name` reads from outside the run, so that replacing
-        it in place makes the stage (and everything after it) stale: a dataset folder
-        (data.source: parquet) by the id its import wrote, the ordinary classifier of
-        OC-CSE / P-NOC by content. Where there is none, the hash is the plain config's."""
-        if name == "dataset" and self.config.data.source == "parquet" and self.config.data.path:
-            where = storage.join(storage.resolve(self.config.data.path), CLASSES_FILE)
-            if where not in self._fingerprints:
-                try:
-                    found = storage.read_json(where).get("dataset_id") \
-                        if storage.exists(where) else None
-                except (OSError, ValueError, AttributeError):
-                    found = None  # reading the dataset reports what is wrong with it
-                self._fingerprints[where] = found
-            return ["dataset_id:" + self._fingerprints[where]] \
-                if self._fingerprints[where] else []
-        reg = self.config.regularizers
-        if name != "classifier" or reg.oc_cse.weight <= 0 or not reg.oc_cse.oc_model:
-            return []
-        weights = storage.join(storage.resolve(reg.oc_cse.oc_model), "model.pt")
-        cache = self._fingerprints
-        if weights not in cache:
-            cache[weights] = (hashlib.sha256(storage.read_bytes(weights)).hexdigest()[:16]
-                              if storage.exists(weights) else "missing")
-        return ["oc_model:" + cache[weights]]
+    def step_path(self, step, *parts: str) -> str:
+        """The output folder of `step` (round 1: `<run>/<folder>`, round t:
+        `<run>/rounds/<t>/<folder>`), or a path inside it."""
+        from .graph import STAGES
+
+        step = self._step(step)
+        if step.stage == "dataset":
+            return storage.join(self.dataset_path, *parts)
+        folder = STAGES[step.stage].output or step.stage
+        if step.round == 1:
+            return self.path(folder, *parts)
+        return self.path("rounds", str(step.round), folder, *parts)
+
+    def current_hash(self, step) -> str:
+        """Hash of what decides `step`'s result: its stage's config sections and, through
+        the input steps' hashes, everything before it (and files it reads from outside
+        the run, by content or id)."""
+        from .graph import STAGES, resource_fields
+
+        step = self._step(step)
+        key = step.key
+        if key not in self._hashes:
+            stage = STAGES[step.stage]
+            upstream = [self.current_hash(step.input(u)) for u in stage.inputs]
+            self._hashes[key] = section_hash(
+                self.config, stage.sections,
+                upstream + stage.external(self.config, self._fingerprints),
+                resource_fields())
+        return self._hashes[key]
 
     # ------------------------------------------------------------ manifest
     def manifest(self) -> dict:
@@ -111,32 +107,41 @@ class Run:
             return {"stages": {}}
         return storage.read_json(self.manifest_path)
 
-    def stage_entry(self, name: str) -> dict | None:
-        return self.manifest().get("stages", {}).get(name)
+    def stage_entry(self, step) -> dict | None:
+        return self.manifest().get("stages", {}).get(self._step(step).key)
 
-    def is_current(self, name: str) -> bool:
+    def is_current(self, step) -> bool:
         """The manifest entry (done or interrupted) has the current config hash and was
-        made from the current upstream outputs, so its partial outputs can be resumed."""
+        made from the current outputs of its input steps, so its partial outputs can be
+        resumed."""
+        from .graph import STAGES
+
+        step = self._step(step)
         stages = self.manifest().get("stages", {})
-        entry = stages.get(name)
-        if not entry or entry.get("hash") != self.current_hash(name):
+        entry = stages.get(step.key)
+        if not entry or entry.get("hash") != self.current_hash(step):
             return False
+        inputs = [step.input(u).key for u in STAGES[step.stage].inputs]
         return all(stages.get(u, {}).get("run_id") == entry.get("inputs", {}).get(u)
-                   for u in STAGES[name][1])
+                   for u in inputs)
 
-    def is_done(self, name: str) -> bool:
-        entry = self.stage_entry(name)
-        return bool(entry) and entry.get("status") == "done" and self.is_current(name)
+    def is_done(self, step) -> bool:
+        entry = self.stage_entry(step)
+        return bool(entry) and entry.get("status") == "done" and self.is_current(step)
 
-    def mark(self, name: str, status: str, **extra) -> dict:
+    def mark(self, step, status: str, **extra) -> dict:
+        from .graph import STAGES
+
+        step = self._step(step)
         manifest = self.manifest()
         stages = manifest.setdefault("stages", {})
-        entry = {"status": status, "hash": self.current_hash(name),
+        entry = {"status": status, "hash": self.current_hash(step),
                  "run_id": uuid.uuid4().hex[:12] if status == "done" else None,
-                 "inputs": {u: stages.get(u, {}).get("run_id") for u in STAGES[name][1]},
+                 "inputs": {u.key: stages.get(u.key, {}).get("run_id")
+                            for u in (step.input(n) for n in STAGES[step.stage].inputs)},
                  "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
         entry.update(extra)
-        stages[name] = entry
+        stages[step.key] = entry
         manifest["config"] = to_dict(self.config)
         manifest["versions"] = versions()
         storage.write_json_atomic(self.manifest_path, manifest)
@@ -144,20 +149,27 @@ class Run:
 
     # ------------------------------------------------------------ outputs
     @contextlib.contextmanager
-    def output(self, name: str) -> Iterator[str]:
-        """Directory for a stage to write `name` into; published when the block ends.
+    def output(self, step) -> Iterator[str]:
+        """Directory for `step` to write its output into; published when the block ends.
 
         Locally it is a temporary sibling renamed into place. On object stores (no
         atomic rename of folders) the final folder is cleared and written directly; the
         manifest, updated only after this block, is what marks it complete.
         """
-        final = self.path(name)
-        storage.clean_temps(self.root, name)
+        from .graph import STAGES
+
+        if isinstance(step, str) and self._step(step).stage not in STAGES:
+            final = self.path(step)  # an output outside the graph (explain/)
+        else:
+            final = self.step_path(step)
+        parent, name = storage.split(final)
+        storage.clean_temps(parent, name)  # leftovers of interrupted writes beside it
         if storage.is_uri(final):
             storage.remove(final)
             yield final
             return
         tmp = storage.temp_sibling(final)
+        storage.makedirs(tmp)
         try:
             yield tmp
         except BaseException:
@@ -165,10 +177,10 @@ class Run:
             raise
         storage.publish(tmp, final)
 
-    def attempt(self, name: str) -> str:
-        """Id of the current computation of a stage: kept when an interrupted stage is
+    def attempt(self, step) -> str:
+        """Id of the current computation of a step: kept when an interrupted step is
         resumed, new when it is recomputed (`--force`, other config or inputs)."""
-        return (self.stage_entry(name) or {}).get("attempt") or "0"
+        return (self.stage_entry(step) or {}).get("attempt") or "0"
 
     def read_metrics(self) -> dict:
         p = self.path("metrics.json")
@@ -178,3 +190,65 @@ class Run:
         metrics = self.read_metrics()
         metrics[section] = values
         storage.write_json_atomic(self.path("metrics.json"), metrics)
+
+
+class StepContext:
+    """What a stage's entry function gets: its config, its round, its inputs' folders
+    for that round, and its own output. `ctx.input("cams")` is the CAM folder of the
+    same round; `ctx.output()` a folder published atomically when the block ends."""
+
+    def __init__(self, run: Run, step):
+        self.run = run
+        self.step = run._step(step)
+        self.config = run.config
+
+    @property
+    def round(self) -> int:
+        return self.step.round
+
+    @property
+    def key(self) -> str:
+        return self.step.key
+
+    def input(self, name: str) -> str:
+        """The output folder of input stage `name` for this step's round."""
+        from .graph import STAGES
+
+        if name != "dataset" and name not in STAGES[self.step.stage].inputs:
+            # a stage reads only what the graph says it reads: the hash depends on it
+            raise StageError(f"stage {self.step.stage} does not declare input {name!r}")
+        return self.run.step_path(self.step.input(name))
+
+    def input_key(self, name: str) -> str:
+        return self.step.input(name).key
+
+    @property
+    def path(self) -> str:
+        """This step's final output folder."""
+        return self.run.step_path(self.step)
+
+    def output(self):
+        return self.run.output(self.step)
+
+    @property
+    def hash(self) -> str:
+        return self.run.current_hash(self.step)
+
+    @property
+    def attempt(self) -> str:
+        return self.run.attempt(self.step)
+
+    @property
+    def dataset_path(self) -> str:
+        return self.run.dataset_path
+
+    def dataset_info(self) -> DatasetInfo:
+        return self.run.dataset_info()
+
+    def write_metrics(self, values: dict) -> None:
+        self.run.write_metrics(self.key, values)
+
+    def metrics(self, name: str | None = None) -> dict:
+        """metrics.json's entry of this step, or of input stage `name` of its round."""
+        key = self.key if name is None else self.input_key(name)
+        return self.run.read_metrics().get(key, {})

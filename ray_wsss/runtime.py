@@ -1,8 +1,11 @@
-"""Connecting to Ray: a local instance on a laptop, the cluster under `ray job submit`."""
+"""Connecting to Ray: a local instance on a laptop, the cluster under `ray job submit`;
+and the checks that what a stage asks of it (CPUs, GPUs) can be used."""
 from __future__ import annotations
 
 import copy
 import os
+import re
+import sys
 
 from .config import RayConfig
 
@@ -64,11 +67,20 @@ def close_stale_progress_bars() -> None:
     Ray Train's dataset-split coordinator is torn down with the trainer before it
     closes its Ray Data bars, and the driver's bar manager (`ray.experimental.tqdm_ray`)
     would redraw those finished bars under every line printed afterwards, the final
-    table included. Called between stages, when no Ray Data execution is running."""
+    table included. Called between stages, when no Ray Data execution is running.
+
+    It edits Ray's private bar manager, whose shape may change in any Ray release: it
+    must never fail or mask a stage whose work is done, so any error here is swallowed
+    (the cost of a failure is a stale bar on the screen)."""
     try:
-        from ray.experimental import tqdm_ray
-    except ImportError:  # pragma: no cover - progress bars are cosmetic
-        return
+        _close_stale_bars()
+    except Exception:  # noqa: BLE001 - cosmetic; see above
+        pass
+
+
+def _close_stale_bars() -> None:
+    from ray.experimental import tqdm_ray
+
     manager = getattr(tqdm_ray, "_manager", None)
     if manager is None:
         return
@@ -89,13 +101,129 @@ def cluster_cpus() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
+# The config key that lets a stage asked for GPUs run on the CPU instead.
+CPU_FALLBACK_KEY = "ray.allow_cpu_fallback"
+
+
+def cuda_problem() -> str | None:
+    """Why torch cannot use a CUDA device in this process, or None when it can."""
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+        return (f"this torch build has no CUDA (torch {torch.__version__}, "
+                "torch.version.cuda is None): install a CUDA build of torch on the GPU nodes")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1", "NoDevFiles"):
+        return (f"no GPU is visible to this process (CUDA_VISIBLE_DEVICES={visible!r}: "
+                "Ray gave it no GPU)")
+    return (f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no device "
+            f"(torch.cuda.device_count() is {torch.cuda.device_count()}, "
+            f"CUDA_VISIBLE_DEVICES={visible!r}): no GPU or no working driver on this node")
+
+
+def torch_device(use_gpu: bool, allow_cpu_fallback: bool, where: str):
+    """The torch device of a stage's worker: CUDA when `use_gpu`, the CPU otherwise.
+
+    A stage asked for GPUs that cannot use one fails with a ConfigError naming `where`
+    (the stage and key that asked, e.g. "cams.gpus_per_actor=1"), the reason and the key
+    that allows the fallback, unless `allow_cpu_fallback`: then it prints a warning and
+    runs on the CPU. A user paying for GPU nodes learns at once that they are not used.
+    """
+    import torch
+
+    if not use_gpu:
+        return torch.device("cpu")
+    problem = cuda_problem()
+    if problem is None:
+        return torch.device("cuda")
+    _no_gpu(problem, allow_cpu_fallback, where)
+    return torch.device("cpu")
+
+
+def _no_gpu(problem: str, allow_cpu_fallback: bool, where: str) -> None:
+    """Refuse (ConfigError) or, when the fallback is allowed, warn that GPUs asked for by
+    `where` cannot be used because of `problem`."""
+    if not allow_cpu_fallback:
+        from .errors import ConfigError
+        raise ConfigError(f"{where}: GPUs were requested but {problem}; set "
+                          f"{CPU_FALLBACK_KEY}: true to run on the CPU instead")
+    print(f"[ray-wsss] warning: {where}: GPUs were requested but {problem}; running on the "
+          f"CPU ({CPU_FALLBACK_KEY} is true)", file=sys.stderr, flush=True)
+
+
+def gpus_usable(use_gpu: bool, allow_cpu_fallback: bool, where: str,
+                probe_gpus: float = 1, timeout_s: float = 120.0) -> bool:
+    """Whether GPU work that `where` asks for (`use_gpu`) will find a usable GPU: asked
+    on the driver, before a Ray Train fit or an actor pool starts, by a task placed as
+    one of its workers (`probe_gpus` GPUs) that checks torch's CUDA there. One GPU node
+    is asked: the nodes of a cluster are alike as a rule.
+
+    A fit's workers set up their NCCL process group before the training function runs,
+    so a worker whose torch cannot use CUDA fails there, with NCCL's error, and is
+    retried `max_failures` times; an actor pool would start and fail its actors. This
+    fails at once instead: a ConfigError as `torch_device` raises it, or, with the
+    fallback allowed, a warning and False (pass it on as ScalingConfig's `use_gpu`:
+    the fit then runs on the CPU, with gloo). True when the GPU can be used.
+    """
+    if not use_gpu:
+        return False
+    import ray
+
+    probe = ray.remote(num_cpus=0, num_gpus=probe_gpus)(cuda_problem)
+    ref = probe.remote()
+    try:
+        problem = ray.get(ref, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        ray.cancel(ref, force=True)
+        problem = f"no task could get a GPU of the cluster within {timeout_s:g} s"
+    if problem is None:
+        return True
+    _no_gpu(f"{problem} (on a node Ray schedules GPU work on)", allow_cpu_fallback, where)
+    return False
+
+
+def check_train_resources(num_workers: int, cpus_per_worker: float, use_gpu: bool,
+                          where: str, cluster: dict | None = None) -> None:
+    """Refuse a Ray Train fit that cannot run on the cluster, before it starts.
+
+    Workers that take every CPU leave none to Ray Data's read and transform tasks, which
+    feed them: the fit would wait forever ("Cluster resources are not enough to run any
+    task"). On GPUs, each worker needs a GPU of its own. `where`: the config section whose
+    keys are named in the message ("classifier", "segmenter"); `cluster`: the cluster's
+    total resources ({"CPU": 4, "GPU": 1}), default `ray.cluster_resources()`.
+    """
+    from .errors import ConfigError
+
+    if cluster is None:
+        import ray
+        cluster = ray.cluster_resources()
+    cpus = float(cluster.get("CPU", 0))
+    need = num_workers * cpus_per_worker
+    if need > cpus - 1:
+        raise ConfigError(
+            f"{where}: {num_workers} worker(s) x {cpus_per_worker:g} CPU = {need:g} CPUs, "
+            f"and the cluster has {cpus:g}: Ray Data needs at least one CPU left for the "
+            f"read and transform tasks that feed the workers (the fit would hang); lower "
+            f"{where}.num_workers or {where}.cpus_per_worker"
+            + ("" if cpus > 1 else ", or give Ray more CPUs (ray.num_cpus)"))
+    if use_gpu:
+        gpus = float(cluster.get("GPU", 0))
+        if num_workers > gpus:
+            raise ConfigError(
+                f"{where}: {num_workers} worker(s) with {where}.use_gpu need one GPU each, "
+                f"and the cluster has {gpus:g}; lower {where}.num_workers, add GPU nodes, "
+                f"or set {where}.use_gpu: false")
+
+
 def project_error(exc: BaseException):
     """The project's own error (DataError, ...) inside a Ray exception chain, if any.
 
     Ray re-raises a failure in a task or actor as its own exception types that wrap the
     original; the user should see the original one-line message naming the file or
     row, not a remote traceback."""
-    from ray.exceptions import RayError
+    from ray.exceptions import RayActorError, RayError
 
     from .errors import WsssError
 
@@ -110,8 +238,31 @@ def project_error(exc: BaseException):
         # `cause` is the original error
         if isinstance(e, WsssError) and not isinstance(e, RayError):
             return _without_retry_note(e)
+        if isinstance(e, RayActorError):
+            rebuilt = _from_actor_error(e)
+            if rebuilt is not None:
+                return rebuilt
         todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
     return None
+
+
+_REMOTE_ERROR_LINE = re.compile(r"^ray_wsss\.errors\.(\w+): (.+)$", re.M)
+
+
+def _from_actor_error(exc):
+    """The project's error that an actor's constructor raised (a MapMaker refusing a GPU
+    it cannot use): Ray's ActorDiedError keeps only the remote traceback as text, so the
+    error is rebuilt from that traceback's last line."""
+    from . import errors
+
+    found = _REMOTE_ERROR_LINE.findall(str(exc))
+    if not found:
+        return None
+    name, message = found[-1]
+    cls = getattr(errors, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, errors.WsssError)):
+        return None
+    return cls(message)
 
 
 def _without_retry_note(exc):

@@ -93,10 +93,17 @@ def write_json_atomic(path: str, obj: Any) -> None:
     write_bytes_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str).encode())
 
 
+def split(path: str) -> tuple[str, str]:
+    """(parent folder, name) of a local path or URI."""
+    path = path.rstrip("/")
+    if is_uri(path):
+        return posixpath.dirname(path), posixpath.basename(path)
+    return os.path.dirname(path), os.path.basename(path)
+
+
 def temp_sibling(path: str) -> str:
     """A fresh temporary name beside `path` for a stage to write into before publishing."""
-    name = posixpath.basename(path.rstrip("/")) if is_uri(path) else os.path.basename(path)
-    parent = posixpath.dirname(path.rstrip("/")) if is_uri(path) else os.path.dirname(path)
+    parent, name = split(path)
     return join(parent, f".tmp-{name}-{uuid.uuid4().hex[:8]}")
 
 

@@ -52,11 +52,20 @@ from .errors import ConfigError, StageError
 from .run import Run
 from .runtime import write_parquet
 
-TRAINABLE_SECTIONS = {
-    "refine": ("seeds.", "crf.", "cams.scales", "cams.flip"),
-    "classifier": ("model.", "head.", "regularizers.", "classifier."),
-    "pipeline": ("",),
+def _sections(stage: str) -> tuple[str, ...]:
+    from .graph import STAGES
+    return tuple(f"{s}." for s in STAGES[stage].sections)
+
+
+# trainable: (the stage that must be finished first, the config keys a trial may vary),
+# both from the stage graph: `refine` redoes the crf stage on cached maps (and may change
+# the TTA the maps combine), `classifier` the classifier fit, `pipeline` everything.
+TRAINABLES = {
+    "refine": ("classifier", _sections("crf") + ("cams.scales", "cams.flip")),
+    "classifier": ("dataset", _sections("classifier")),
+    "pipeline": ("dataset", ("",)),
 }
+TRAINABLE_SECTIONS = {k: v[1] for k, v in TRAINABLES.items()}
 SWEEP_DIRS = ("tuning",)
 
 
@@ -267,7 +276,7 @@ def classifier_trial(point: dict, ctx: dict) -> None:
     config = apply_point(ctx["config"], point)
     run = Run(config, ctx["run_root"])
     trial = tune.get_context().get_trial_id()
-    trainer = make_trainer(config, run, name=f"trial-{trial}",
+    trainer = make_trainer(config, run.dataset_path, name=f"trial-{trial}",
                            storage_path=storage.join(ctx["sweep_dir"], "fits"),
                            callbacks=[TuneReportCallback()])
     result = trainer.fit()
@@ -336,22 +345,20 @@ def _cache_scales(spec: SweepSpec, config: PipelineConfig) -> tuple[list[float],
 
 
 def build_cache(config: PipelineConfig, run: Run, path: str, scales, flip) -> None:
-    import ray.data
-
-    from .cams.stage import actor_count, method_options
+    from .actors import ActorResources, map_with_model
+    from .cams.stage import method_options
     from .data.dataset import open_dataset
 
     cfg = config.cams
     ds = open_dataset(run.dataset_path, ["image_id", "image", "mask", "label_vector"],
                       list(config.evaluate.splits), require=("mask",),
                       rows_per_block=cfg.batch_size)
-    out = ds.map_batches(
-        _RawMaps, fn_constructor_kwargs={
-            "model_dir": run.path("classifier"), "method": cfg.method, "scales": scales,
+    out = map_with_model(
+        ds, _RawMaps, {
+            "model_dir": run.step_path("classifier"), "method": cfg.method, "scales": scales,
             "flip": flip, "threads": cfg.torch_threads or cfg.cpus_per_actor,
             "options": method_options(cfg), "max_side": cfg.max_image_side},
-        compute=ray.data.ActorPoolStrategy(size=actor_count(cfg)),
-        batch_size=cfg.batch_size, batch_format="numpy", num_cpus=cfg.cpus_per_actor)
+        ActorResources(cfg.num_actors, cfg.cpus_per_actor, 0.0, "cams"), cfg.batch_size)
     tmp = storage.temp_sibling(path)
     write_parquet(out, tmp, config.ray)
     storage.publish(tmp, path)
@@ -375,9 +382,9 @@ def run_sweep(config: PipelineConfig, run: Run, spec: SweepSpec, force: bool = F
     from ray import tune
 
     sweep_dir = run.path("sweeps", spec.name)
-    needs = {"refine": "classifier", "classifier": "dataset", "pipeline": "dataset"}
-    if not run.is_done(needs[spec.trainable]):
-        raise StageError(f"sweep {spec.name}: stage {needs[spec.trainable]} must be finished "
+    needs = TRAINABLES[spec.trainable][0]
+    if not run.is_done(needs):
+        raise StageError(f"sweep {spec.name}: stage {needs} must be finished "
                          f"in {run.root} first (ray-wsss run)")
     info = run.dataset_info()
     exp = f"{spec.name}-{spec.digest()}"

@@ -3,6 +3,8 @@ or row, or handled; and no finished output is ever corrupted by it."""
 import hashlib
 import io
 import os
+import struct
+import zlib
 
 import cv2
 import numpy as np
@@ -34,6 +36,24 @@ def truncated_jpeg():
     return data[: len(data) // 2]
 
 
+def png_without_end():
+    """A PNG cut before its IEND chunk: Pillow loads it, OpenCV (training) does not."""
+    data = png(rgb(64, 80))
+    return data[:-12]
+
+
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    return (struct.pack(">I", len(body)) + kind + body
+            + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+
+
+def claims(w: int, h: int) -> bytes:
+    """A few hundred bytes whose PNG header claims w x h pixels (1-bit grey)."""
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0))
+            + png_chunk(b"IDAT", zlib.compress(bytes(1 + w // 8) * 50, 9))
+            + png_chunk(b"IEND", b""))
+
+
 def png16():
     ok, buf = cv2.imencode(".png", (np.arange(32 * 40).reshape(32, 40) * 50).astype(np.uint16))
     return buf.tobytes()
@@ -42,6 +62,11 @@ def png16():
 # name, file content, expected: ("error", regex) or ("ok", (h, w))
 IMAGE_CASES = [
     ("truncated.jpg", truncated_jpeg, ("error", r"truncated\.jpg: cannot decode image")),
+    # accepted by the import's Pillow check before, refused by training's OpenCV decode
+    ("no_end.png", png_without_end, ("error", r"no_end\.png: cannot decode image")),
+    ("bomb.png", lambda: claims(25000, 25000),
+     ("error", r"bomb\.png: image claims 25000x25000 pixels \(625 megapixels, a \d+-byte "
+               r"file\), over the limit of 200 megapixels")),
     ("empty.png", lambda: b"", ("error", r"empty\.png: empty image file \(0 bytes\)")),
     ("text.png", lambda: b"hello, I am not a picture", ("error", r"text\.png: cannot decode")),
     ("alpha.png", lambda: png(np.dstack([rgb(), np.full((32, 40), 128, np.uint8)]), "RGBA"),
@@ -226,3 +251,101 @@ def test_a_corrupt_row_in_a_stage_names_the_row_and_keeps_the_finished_cams(copy
         run_stage("cams", cfg, Run(cfg), force=True, check_upstream=False)
     assert _digest(os.path.join(root, "cams")) == before
     assert not [p for p in os.listdir(root) if p.startswith(".tmp-cams")]
+
+
+def _exif_jpeg(img, orientation=6):
+    ex = Image.Exif()
+    ex[0x0112] = orientation
+    out = io.BytesIO()
+    Image.fromarray(img).save(out, "JPEG", exif=ex.tobytes(), quality=95)
+    return out.getvalue()
+
+
+def _rotated_photo(tmp_path, mask_on="stored"):
+    """A 400x240 photo stored sideways (EXIF orientation 6) with a bright box, and its
+    mask drawn on the stored pixels or on the displayed (rotated) picture."""
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir(), masks.mkdir()
+    img = np.full((240, 400, 3), 20, np.uint8)
+    img[20:120, 40:200] = 230
+    mask = np.zeros((240, 400), np.uint8)
+    mask[20:120, 40:200] = 1
+    if mask_on == "displayed":
+        mask = np.ascontiguousarray(np.rot90(mask, -1))  # orientation 6: turned clockwise
+    (images / "photo.jpg").write_bytes(_exif_jpeg(img))
+    Image.fromarray(mask).save(masks / "photo.png")
+    return images, masks
+
+
+def _image_mask_iou(row):
+    img = decode_image(row["image"])
+    bright = img.mean(axis=2) > 125
+    labelled = decode_mask(row["mask"]) == 1
+    assert bright.shape == labelled.shape
+    return (bright & labelled).sum() / (bright | labelled).sum()
+
+
+@pytest.mark.parametrize("max_side", [None, 300, 100])
+def test_an_exif_rotated_photo_is_used_as_stored_on_every_path(tmp_path, max_side):
+    # the reduced decode of --max-image-side used to apply the rotation and the shrink
+    # squashed it back: image-to-mask IoU 1.0 -> 0.0
+    images, masks = _rotated_photo(tmp_path)
+    out = str(tmp_path / "ds")
+    importers.import_folder([("train", str(images), str(masks))], out, classes=["box"],
+                            opts=importers.ImportOptions(max_image_side=max_side))
+    row = pq.read_table(parquet_files(out)).to_pylist()[0]
+    assert row["width"] > row["height"]  # stored orientation: landscape
+    assert _image_mask_iou(row) > 0.9
+
+
+def test_masks_drawn_on_the_displayed_picture_need_apply_exif(tmp_path):
+    images, masks = _rotated_photo(tmp_path, mask_on="displayed")
+    subsets = [("train", str(images), str(masks))]
+    with pytest.raises(DataError, match=r"masks/photo\.png: row photo: mask is 240x400 but its "
+                                        r"image .*photo\.jpg is 400x240 as stored; its EXIF "
+                                        r"orientation tag \(6: rotated 90 degrees clockwise\) "
+                                        r"displays it as 240x400: .* --apply-exif"):
+        importers.import_folder(subsets, str(tmp_path / "ds"), classes=["box"])
+    for max_side in (None, 100):
+        out = str(tmp_path / f"ds{max_side}")
+        importers.import_folder(subsets, out, classes=["box"],
+                                opts=importers.ImportOptions(apply_exif=True,
+                                                             max_image_side=max_side))
+        row = pq.read_table(parquet_files(out)).to_pylist()[0]
+        assert row["height"] > row["width"] and _image_mask_iou(row) > 0.9
+        assert '"orientation": "exif"' in open(os.path.join(out, "classes.json")).read()
+    # and the other way round: stored-pixel masks with --apply-exif
+    (tmp_path / "x").mkdir()
+    images2, masks2 = _rotated_photo(tmp_path / "x")
+    with pytest.raises(DataError, match=r"after applying its EXIF orientation tag .* matches "
+                                        r"the stored pixels: import without --apply-exif"):
+        importers.import_folder([("train", str(images2), str(masks2))], str(tmp_path / "y"),
+                                classes=["box"],
+                                opts=importers.ImportOptions(apply_exif=True))
+
+
+def test_a_mask_claiming_a_huge_size_is_refused_before_it_is_decoded(tmp_path):
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir(), masks.mkdir()
+    (images / "a.png").write_bytes(encode_image(rgb()))
+    (masks / "a.png").write_bytes(claims(25000, 25000))
+    with pytest.raises(DataError, match=r"masks/a\.png: row a: mask is 25000x25000 but its "
+                                        r"image .* is 40x32"):
+        importers.import_folder([("val", str(images), str(masks))], str(tmp_path / "ds"),
+                                classes=["x"])
+
+
+def test_the_megapixel_limit_is_an_import_option(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.png").write_bytes(encode_image(rgb(100, 200)))
+    labels = tmp_path / "labels.csv"
+    labels.write_text("image,labels\na.png,x\n")
+    with pytest.raises(DataError, match=r"a\.png: image claims 200x100 pixels .* over the "
+                                        r"limit of 0\.01 megapixels"):
+        importers.import_folder([("train", str(images), None)], str(tmp_path / "ds"),
+                                labels_csv=str(labels),
+                                opts=importers.ImportOptions(max_megapixels=0.01))
+    importers.import_folder([("train", str(images), None)], str(tmp_path / "ds"),
+                            labels_csv=str(labels),
+                            opts=importers.ImportOptions(max_megapixels=0.02))

@@ -6,6 +6,10 @@ metrics of `xai.py` over the image's detected classes, and, where ground truth e
 seeds' confusion matrices over the background-threshold sweep (maps of the labelled
 classes, as the CAM stage makes them). Only sums reach the driver.
 
+Beside them, per method: ROAD (MoRF, LeRF and combined) and the areas under the deletion
+and insertion curves over the detected classes (`road.py`), and, on images with ground
+truth, the box accuracy (CorLoc) of the maps of the labelled classes (`boxes.py`).
+
 Writes <run>/explain/comparison.csv and comparison.json, sample maps per method for the
 report (samples.parquet), and an `explain` section in metrics.json.
 """
@@ -27,8 +31,12 @@ from ..data.dataset import (evenly_spaced, label_matrix, open_dataset, read_tabl
 from ..errors import ConfigError, StageError
 from ..evaluate import ConfusionMatrix
 from ..run import Run
+from .boxes import localisation_hits
 from .methods import METHODS, get_method
-from .stage import actor_count, method_options
+from .road import (FaithfulnessOptions, faithfulness_metrics, faithfulness_options,
+                   faithfulness_sums, sums_length)
+from ..actors import ActorResources, map_with_model
+from .stage import method_options
 from .xai import KEYS, xai_metrics, xai_sums
 
 
@@ -37,7 +45,9 @@ class Explainer:
 
     def __init__(self, model_dir: str, methods, scales, flip, thresholds, n_labels: int,
                  background: bool, sample_ids, threads: int = 1, use_gpu: bool = False,
-                 options: dict | None = None, max_side: int | None = None):
+                 options: dict | None = None, max_side: int | None = None,
+                 faithfulness: FaithfulnessOptions = FaithfulnessOptions(),
+                 box_threshold: float = 0.2):
         from .predict import MapMaker
 
         self.maker = MapMaker(model_dir, scales, flip, threads, use_gpu, options, max_side)
@@ -45,11 +55,11 @@ class Explainer:
         self.thresholds = list(thresholds)
         self.n_labels, self.background = n_labels, background
         self.sample_ids = set(sample_ids)
+        self.faithfulness, self.box_threshold = faithfulness, box_threshold
 
-    def _seed_confusion(self, maps, classes, mask, image_id) -> np.ndarray:
+    def _seed_confusion(self, maps, classes, gt) -> np.ndarray:
         from ..refine.seeds import seed_mask, seed_sweep
 
-        gt = decode_mask(mask, f"mask of image_id {image_id}")
         seeds = (seed_sweep(maps, classes, self.thresholds) if self.background
                  else [seed_mask(maps, classes, 0.0, background=False)])
         return np.stack([ConfusionMatrix(self.n_labels).update(gt, s).mat for s in seeds])
@@ -66,6 +76,10 @@ class Explainer:
         sums = np.zeros((1, m, len(KEYS)))
         conf = np.zeros((1, m, t, self.n_labels, self.n_labels + 1), np.int64)
         seconds = np.zeros((1, m))
+        faith = np.zeros((1, m, sums_length(self.faithfulness)))
+        boxes = np.zeros((1, m, 2), np.int64)               # correct boxes, pairs
+        masks = [decode_mask(mk, f"mask of image_id {i}") if mk is not None else None
+                 for mk, i in zip(batch["mask"], ids)]
         samples = []
         for mi, name in enumerate(self.methods):
             fn = get_method(name)
@@ -77,28 +91,33 @@ class Explainer:
                 x = torch.from_numpy(img[None]).to(self.maker.device).permute(0, 3, 1, 2)
                 sums[0, mi] += xai_sums(self.maker.model, x.float(), [maps_det[i]],
                                         [detected[i]])
+                faith[0, mi] += faithfulness_sums(self.maker.model, x.float(), maps_det[i],
+                                                  detected[i], self.faithfulness)
             maps_lab = maps_det if same else self.maker.maps(fn, images, labelled)[0]
             for i, image_id in enumerate(ids):
-                if batch["mask"][i] is not None:
+                if masks[i] is not None:
                     conf[0, mi] += self._seed_confusion(maps_lab[i], labelled[i] + 1,
-                                                        batch["mask"][i], image_id)
+                                                        masks[i])
+                    boxes[0, mi] += localisation_hits(maps_lab[i], labelled[i], masks[i],
+                                                      self.box_threshold)
                 if image_id in self.sample_ids:
                     samples.append([str(image_id), name,
                                     base64.b64encode(encode_array(maps_lab[i])).decode()])
-        return {"sums": sums, "confusion": conf, "seconds": seconds,
-                "images": np.array([len(ids)]), "samples": np.array([json.dumps(samples)])}
+        return {"sums": sums, "confusion": conf, "seconds": seconds, "faith": faith,
+                "boxes": boxes, "images": np.array([len(ids)]),
+                "samples": np.array([json.dumps(samples)])}
 
 
-def run_explain(config: PipelineConfig, run: Run, methods: list[str]) -> dict:
-    """Run the comparison and write its outputs; returns the table rows."""
-    import ray.data
-
+def run_explain(config: PipelineConfig, run: Run, methods: list[str],
+                classifier: str = "classifier") -> dict:
+    """Run the comparison and write its outputs; returns the table rows. `classifier`:
+    the step whose classifier is explained (`classifier`, `classifier@2`, ...)."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"--methods: unknown {unknown[0]!r} (choose from "
                           f"{', '.join(METHODS)})")
-    if not run.is_done("classifier"):
-        raise StageError(f"explain needs a finished classifier stage in {run.root}")
+    if not run.is_done(classifier):
+        raise StageError(f"explain needs a finished {classifier} step in {run.root}")
     info = run.dataset_info()
     cfg, ecfg = config.cams, config.explain
     scales = ecfg.scales if ecfg.scales is not None else cfg.scales
@@ -121,24 +140,28 @@ def run_explain(config: PipelineConfig, run: Run, methods: list[str]) -> dict:
     ds = open_dataset(run.dataset_path, ["image_id", "image", "mask", "label_vector"],
                       list(ecfg.splits), rows_per_block=ecfg.batch_size, ids=keep)
     use_gpu = cfg.gpus_per_actor > 0
-    out = ds.map_batches(
-        Explainer,
-        fn_constructor_kwargs={
-            "model_dir": run.path("classifier"), "methods": methods, "scales": scales,
+    faithfulness = faithfulness_options(ecfg, seed=cfg.seed)
+    box_threshold = getattr(ecfg, "box_threshold", 0.2)
+    out = map_with_model(
+        ds, Explainer,
+        {
+            "model_dir": run.step_path(classifier), "methods": methods, "scales": scales,
             "flip": flip, "thresholds": thresholds, "n_labels": info.num_classes + 1,
             "background": info.background, "sample_ids": sample_ids,
             "threads": cfg.torch_threads or cfg.cpus_per_actor, "use_gpu": use_gpu,
-            "options": method_options(cfg), "max_side": cfg.max_image_side},
-        compute=ray.data.ActorPoolStrategy(size=actor_count(cfg)),
-        batch_size=ecfg.batch_size, batch_format="numpy", num_cpus=cfg.cpus_per_actor,
-        num_gpus=cfg.gpus_per_actor or None)
-    sums = conf = seconds = None
+            "options": method_options(cfg), "max_side": cfg.max_image_side,
+            "faithfulness": faithfulness, "box_threshold": box_threshold},
+        ActorResources.of(cfg, "cams"), ecfg.batch_size)
+    sums = conf = seconds = faith = boxes = None
     images, samples = 0, []
     for b in out.iter_batches(batch_size=None, batch_format="numpy"):
         s, c, t = b["sums"].sum(0), b["confusion"].sum(0), b["seconds"].sum(0)
         sums = s if sums is None else sums + s
         conf = c if conf is None else conf + c
         seconds = t if seconds is None else seconds + t
+        f, bx = b["faith"].sum(0), b["boxes"].sum(0)
+        faith = f if faith is None else faith + f
+        boxes = bx if boxes is None else boxes + bx
         images += int(b["images"].sum())
         for group in b["samples"]:
             samples.extend(json.loads(str(group)))
@@ -148,7 +171,10 @@ def run_explain(config: PipelineConfig, run: Run, methods: list[str]) -> dict:
     exclude = () if info.background else (0,)
     rows = []
     for mi, name in enumerate(methods):
-        row = {"method": name, **xai_metrics(sums[mi])}
+        row = {"method": name, **xai_metrics(sums[mi]),
+               **faithfulness_metrics(faith[mi], faithfulness)}
+        row["box_accuracy"] = (100 * boxes[mi, 0] / boxes[mi, 1]) if boxes[mi, 1] else None
+        row["box_pairs"] = int(boxes[mi, 1])
         if conf[mi].sum():
             curve = [ConfusionMatrix(len(names), m).metrics(names, exclude)["miou"]
                      for m in conf[mi]]
@@ -159,7 +185,10 @@ def run_explain(config: PipelineConfig, run: Run, methods: list[str]) -> dict:
         rows.append(row)
     _write(run, rows, samples, {"images": images, "splits": list(ecfg.splits),
                                 "scales": list(scales), "flip": flip,
-                                "kur": config.head.kur})
+                                "kur": config.head.kur,
+                                "road_percentiles": list(faithfulness.road_percentiles),
+                                "curve_steps": faithfulness.curve_steps,
+                                "box_threshold": box_threshold})
     return {"rows": rows, "images": images}
 
 
@@ -168,8 +197,9 @@ def _write(run: Run, rows: list[dict], samples: list, meta: dict) -> None:
     import pyarrow.parquet as pq
 
     fields = ["method", "increase_in_confidence", "average_drop", "average_retention",
-              "average_drop_of_others", "average_retention_of_others", "pairs", "seed_miou",
-              "best_threshold", "images_per_second"]
+              "average_drop_of_others", "average_retention_of_others", "road_morf",
+              "road_lerf", "road_combined", "deletion_auc", "insertion_auc", "box_accuracy",
+              "pairs", "box_pairs", "seed_miou", "best_threshold", "images_per_second"]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     w.writeheader()
@@ -187,13 +217,24 @@ def _write(run: Run, rows: list[dict], samples: list, meta: dict) -> None:
 
 
 def format_table(rows: list[dict]) -> str:
+    """The comparison as text. Directions: IC, AR... as in the README; ROAD MoRF and the
+    deletion area lower is better, LeRF, combined ROAD, insertion area and box accuracy
+    higher is better."""
     head = (f"{'method':16s}{'IC':>7s}{'AD':>7s}{'AR':>7s}{'ADO':>7s}{'ARO':>7s}"
+            f"{'MoRF':>7s}{'LeRF':>7s}{'ROAD':>7s}{'del':>7s}{'ins':>7s}{'box acc':>9s}"
             f"{'seed mIoU':>11s}{'img/s':>8s}")
     lines = [head]
+
+    def cell(v, width):
+        return f"{'-':>{width}s}" if v is None or v != v else f"{v:{width}.1f}"
+
     for r in rows:
-        miou = f"{r['seed_miou']:11.1f}" if r.get("seed_miou") is not None else f"{'-':>11s}"
         lines.append(f"{r['method']:16s}{r['increase_in_confidence']:7.1f}"
                      f"{r['average_drop']:7.1f}{r['average_retention']:7.1f}"
                      f"{r['average_drop_of_others']:7.1f}{r['average_retention_of_others']:7.1f}"
-                     f"{miou}{r['images_per_second']:8.1f}")
+                     + "".join(cell(r.get(k), 7) for k in ("road_morf", "road_lerf",
+                                                            "road_combined", "deletion_auc",
+                                                            "insertion_auc"))
+                     + cell(r.get("box_accuracy"), 9) + cell(r.get("seed_miou"), 11)
+                     + f"{r['images_per_second']:8.1f}")
     return "\n".join(lines)

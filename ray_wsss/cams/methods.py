@@ -15,9 +15,32 @@ Test-time augmentation and normalisation are `tta.py`'s job.
 - `minmax`, `d-minmax`, `minmax-gradcam` (David, Pedrini and Dias, 2022): the weights of
   class u minus those of the other classes in D (and, for D-MinMax, a background term).
 
-Gradient methods need ds/dA only, so the backbone runs once without autograd and only
-the head is differentiated, for all requested classes in one batched backward
-(`is_grads_batched`). CAM and the MinMax family need no backward at all.
+- `hirescam` (Draelos and Carin, 2020): M_c = ReLU(sum_k ds_c/dA_k (.) A_k), element-wise,
+  no spatial averaging of the gradient.
+- `xgradcam` (Fu et al., BMVC 2020): alpha_k^c = sum_xy A_k(x, y) / (sum_ab A_k(a, b))
+  ds_c/dA_k(x, y).
+- `layercam` (Jiang et al., TIP 2021): M_c = ReLU(sum_k ReLU(ds_c/dA_k) (.) A_k) at the last
+  stage; `layercam-fused` fuses it over every backbone stage (`gradients.py`).
+- `eigencam` (Muhammad and Yeasin, IJCNN 2020): the projection of the centred features
+  (positions x channels) on their first principal direction; the same map for every
+  class. `eigengradcam`: the same on A (.) ds_c/dA, so per class.
+- `ablationcam` (Desai and Ramaswamy, WACV 2020): alpha_k^c = (s_c - s_c(A with A_k = 0))
+  / s_c.
+- `gradient`, `smoothgrad`, `fullgrad`: maps from gradients with respect to the input
+  pixels (`gradients.py`).
+
+Gradient methods on A need ds/dA only, so the backbone runs once without autograd and
+only the head is differentiated, for all requested classes in one batched backward
+(`is_grads_batched`). CAM and the MinMax family need no backward at all. Eigen-CAM's
+principal directions come from one batched SVD over the images (and, for Eigen-Grad-CAM,
+the classes); Ablation-CAM runs the head on `ablation_batch` copies of the features at a
+time, each with one channel of one image zeroed, and reads every class's score change
+from the same forward.
+
+The sign of a principal direction is arbitrary; Eigen-CAM and Eigen-Grad-CAM orient it
+so that its channel weights sum to >= 0, i.e. the projection grows with the total
+activation (of A, or of A (.) ds_c/dA: the HiResCAM map before its ReLU). Reference
+code leaves the sign to the SVD, so a map can come out inverted.
 """
 from __future__ import annotations
 
@@ -27,6 +50,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from . import gradients
+
 
 @dataclass(frozen=True)
 class MethodOptions:
@@ -35,6 +60,11 @@ class MethodOptions:
     lambda_bg: float = 1.0
     scorecam_batch: int = 64      # masked images per forward pass
     grad_chunk: int = 8           # classes per batched backward (bounds memory)
+    ablation_batch: int = 256     # Ablation-CAM: feature copies per forward of the head
+    layercam_gamma: float = 2.0   # fused LayerCAM: tanh(gamma M / max M) per stage (eq. 9)
+    smoothgrad_samples: int = 16  # noisy copies per image (the paper uses up to 50)
+    smoothgrad_noise: float = 0.15  # noise std / (max - min) of the image (paper: 0.1-0.2)
+    seed: int = 0                 # SmoothGrad's noise
 
 
 Method = Callable[..., tuple[torch.Tensor, torch.Tensor]]
@@ -91,11 +121,12 @@ def d_minmax(model, images, classes, opts: MethodOptions = MethodOptions()):
 
 def head_weights(model, feats: torch.Tensor, coeffs: torch.Tensor, weights_fn,
                  chunk: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Channel weights from d(sum_j coeffs[j, b, :] . s_b)/dA_b for every job j, in
-    batched backwards of `chunk` jobs; each chunk's gradients are turned into weights
-    by `weights_fn(grads, feats)` and dropped, so memory holds one chunk of gradients.
+    """What `weights_fn(grads, feats)` makes of d(sum_j coeffs[j, b, :] . s_b)/dA_b for
+    every job j (channel weights (j, B, C), or maps (j, B, h, w)), in batched backwards of
+    `chunk` jobs; each chunk's gradients are dropped once reduced, so memory holds one
+    chunk of gradients.
 
-    feats (B, C, h, w), coeffs (J, B, K) -> weights (J, B, C), logits (B, K)."""
+    feats (B, C, h, w), coeffs (J, B, K) -> weights (J, B, ...), logits (B, K)."""
     f = feats.detach().requires_grad_(True)
     with torch.enable_grad():
         logits = model.logits_from_features(f)
@@ -110,25 +141,53 @@ def head_weights(model, feats: torch.Tensor, coeffs: torch.Tensor, weights_fn,
     return weights, logits.detach()
 
 
+def class_objectives(classes: torch.Tensor, objective: str = "plain",
+                     opts: MethodOptions = MethodOptions()) -> tuple[list[int], torch.Tensor]:
+    """The classes to explain (those any image wants) and, per class u, the coefficients
+    (J, B, K) of the objective whose gradient explains u: s_u, or for `minmax` J_u =
+    l_pos s_u - l_neg / max(|D|-1, 1) * sum_{d in D, d != u} s_d."""
+    wanted = torch.nonzero(classes.any(0)).flatten().tolist()
+    b, k = classes.shape
+    coeffs = torch.zeros(len(wanted), b, k, device=classes.device, dtype=classes.dtype)
+    for j, u in enumerate(wanted):
+        if objective == "minmax":
+            others = classes.clone()
+            others[:, u] = 0
+            coeffs[j] = -opts.lambda_neg * others / _others(classes)[:, :, 0]
+        coeffs[j, :, u] = opts.lambda_pos if objective == "minmax" else 1.0
+    return wanted, coeffs
+
+
+def scatter_maps(per_class: torch.Tensor, wanted: list[int], classes: torch.Tensor
+                 ) -> torch.Tensor:
+    """ReLU'd maps of the explained classes (J, B, h, w) -> (B, K, h, w), zero where an
+    image does not want the class."""
+    b, k = classes.shape
+    maps = per_class.new_zeros((b, k, *per_class.shape[2:]))
+    if wanted:
+        maps[:, wanted] = F.relu(per_class).permute(1, 0, 2, 3)
+    return maps * classes[:, :, None, None].to(maps.dtype)
+
+
 def _grad_method(weights_fn, objective: str = "plain"):
+    """Methods with channel weights from ds/dA: M = ReLU(sum_k alpha_k A_k)."""
     def method(model, images, classes, opts: MethodOptions = MethodOptions()):
         feats = _features(model, images)
-        wanted = torch.nonzero(classes.any(0)).flatten()          # the classes to explain
-        b, k = classes.shape
-        coeffs = torch.zeros(len(wanted), b, k, device=images.device, dtype=feats.dtype)
-        for j, u in enumerate(wanted.tolist()):
-            if objective == "minmax":
-                # J_u = l_pos s_u - l_neg / max(|D|-1, 1) * sum_{d in D, d != u} s_d
-                others = classes.clone()
-                others[:, u] = 0
-                coeffs[j] = -opts.lambda_neg * others / _others(classes)[:, :, 0]
-            coeffs[j, :, u] = opts.lambda_pos if objective == "minmax" else 1.0
+        wanted, coeffs = class_objectives(classes.to(feats.dtype), objective, opts)
         alpha, logits = head_weights(model, feats, coeffs, weights_fn, opts.grad_chunk)
-        maps = torch.zeros(b, k, *feats.shape[2:], device=images.device, dtype=feats.dtype)
-        if len(wanted):
-            m = F.relu(torch.einsum("bchw,jbc->jbhw", feats, alpha))
-            maps[:, wanted] = m.permute(1, 0, 2, 3)
-        return maps * classes[:, :, None, None], logits
+        m = torch.einsum("bchw,jbc->jbhw", feats, alpha)
+        return scatter_maps(m, wanted, classes), logits
+    return method
+
+
+def _grad_map_method(maps_fn):
+    """Methods whose map comes from ds/dA and A position by position (before the ReLU):
+    `maps_fn(grads (j, B, C, h, w), feats (B, C, h, w)) -> (j, B, h, w)`."""
+    def method(model, images, classes, opts: MethodOptions = MethodOptions()):
+        feats = _features(model, images)
+        wanted, coeffs = class_objectives(classes.to(feats.dtype))
+        m, logits = head_weights(model, feats, coeffs, maps_fn, opts.grad_chunk)
+        return scatter_maps(m, wanted, classes), logits
     return method
 
 
@@ -144,9 +203,78 @@ def _gradcampp_weights(grads: torch.Tensor, feats: torch.Tensor) -> torch.Tensor
     return (a * F.relu(grads)).sum(dim=(3, 4))
 
 
+def _xgradcam_weights(grads: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+    """sum_xy A_k / sum_ab A_k * g; a channel that sums to 0 gets weight 0 (the reference
+    adds 1e-7 to the sum instead)."""
+    total = feats.sum(dim=(2, 3))                                 # (B, C)
+    num = (grads * feats[None]).sum(dim=(3, 4))                   # (j, B, C)
+    return torch.where(total != 0, num / torch.where(total != 0, total, torch.ones_like(total)),
+                       torch.zeros_like(num))
+
+
+def _hirescam_maps(grads: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+    return (grads * feats[None]).sum(dim=2)
+
+
+def _layercam_maps(grads: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+    return (F.relu(grads) * feats[None]).sum(dim=2)
+
+
+def first_component(x: torch.Tensor) -> torch.Tensor:
+    """Per map set (N, C, h, w): the projection (N, h, w) of the centred (hw, C) matrix on
+    its first right singular vector, oriented so that the vector's entries sum to >= 0."""
+    n, c, h, w = x.shape
+    m = x.flatten(2).transpose(1, 2)                              # (N, hw, C)
+    m = m - m.mean(dim=1, keepdim=True)
+    _, _, vh = torch.linalg.svd(m, full_matrices=False)
+    v = vh[:, 0]                                                  # (N, C)
+    v = torch.where(v.sum(dim=1, keepdim=True) < 0, -v, v)
+    return (m @ v[:, :, None]).view(n, h, w)
+
+
+def _eigengradcam_maps(grads: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+    prod = grads * feats[None]                                    # (j, B, C, h, w)
+    return first_component(prod.flatten(0, 1)).view(*prod.shape[:2], *prod.shape[3:])
+
+
 gradcam = _grad_method(_gradcam_weights)
 gradcampp = _grad_method(_gradcampp_weights)
 minmax_gradcam = _grad_method(_gradcam_weights, objective="minmax")
+xgradcam = _grad_method(_xgradcam_weights)
+hirescam = _grad_map_method(_hirescam_maps)
+layercam = _grad_map_method(_layercam_maps)
+eigengradcam = _grad_map_method(_eigengradcam_maps)
+
+
+def eigencam(model, images, classes, opts: MethodOptions = MethodOptions()):
+    feats = _features(model, images)
+    with torch.no_grad():
+        m = F.relu(first_component(feats))[:, None]               # (B, 1, h, w)
+        return m * classes[:, :, None, None].to(m.dtype), model.logits_from_features(feats)
+
+
+def ablationcam(model, images, classes, opts: MethodOptions = MethodOptions()):
+    """All classes' score drops from the same ablated forwards: the head runs on
+    `ablation_batch` copies of the features at a time, copy (b, k) with channel k of
+    image b zeroed (images that want no class are skipped)."""
+    feats = _features(model, images)
+    b, c = feats.shape[:2]
+    with torch.no_grad():
+        logits = model.logits_from_features(feats)
+        drops = feats.new_zeros((b, c, logits.shape[1]))          # s - s(A_k = 0)
+        pairs = torch.cartesian_prod(torch.nonzero(classes.any(1)).flatten(),
+                                     torch.arange(c)).to(feats.device)
+        for i in range(0, len(pairs), opts.ablation_batch):
+            img, ch = pairs[i:i + opts.ablation_batch].unbind(1)
+            ablated = feats[img].clone()
+            ablated[torch.arange(len(img), device=feats.device), ch] = 0
+            drops[img, ch] = logits[img] - model.logits_from_features(ablated)
+        score = logits[:, None, :]
+        alpha = torch.where(score != 0, drops / torch.where(score != 0, score,
+                                                            torch.ones_like(score)),
+                            torch.zeros_like(drops))              # (B, C, K)
+        maps = F.relu(torch.einsum("bchw,bck->bkhw", feats, alpha))
+        return maps * classes[:, :, None, None].to(maps.dtype), logits
 
 
 def scorecam(model, images, classes, opts: MethodOptions = MethodOptions()):
@@ -185,6 +313,16 @@ METHODS: dict[str, Method] = {
     "minmax": minmax,
     "d-minmax": d_minmax,
     "minmax-gradcam": minmax_gradcam,
+    "hirescam": hirescam,
+    "xgradcam": xgradcam,
+    "layercam": layercam,
+    "layercam-fused": gradients.layercam_fused,
+    "eigencam": eigencam,
+    "eigengradcam": eigengradcam,
+    "ablationcam": ablationcam,
+    "gradient": gradients.gradient,
+    "smoothgrad": gradients.smoothgrad,
+    "fullgrad": gradients.fullgrad,
 }
 
 

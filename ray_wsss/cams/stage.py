@@ -14,10 +14,10 @@ from __future__ import annotations
 import numpy as np
 
 from .. import storage
+from ..actors import ActorResources, map_with_model
 from ..data.codecs import decode_image, encode_array
 from ..data.dataset import label_matrix, open_dataset, read_table, vector_to_labels
 from ..errors import ConfigError
-from ..run import Run
 from ..runtime import write_parquet
 
 PASSTHROUGH = ("image_id", "split", "image", "mask", "label_vector")
@@ -28,12 +28,13 @@ class CamPredictor:
 
     def __init__(self, model_dir: str, method: str, scales, flip: bool, threads: int = 1,
                  use_gpu: bool = False, options: dict | None = None,
-                 max_side: int | None = None, mcis: dict | None = None):
+                 max_side: int | None = None, mcis: dict | None = None,
+                 allow_cpu_fallback: bool = False):
         from .methods import get_method
         from .predict import MapMaker
 
         self.maker = MapMaker(model_dir, scales, flip, threads, use_gpu, options, max_side,
-                              mcis)
+                              mcis, allow_cpu_fallback)
         self.method = get_method(method)
 
     def __call__(self, batch: dict) -> dict:
@@ -52,7 +53,7 @@ class CamPredictor:
         return out
 
 
-def mcis_bank(config, run: Run) -> dict | None:
+def mcis_bank(config, dataset_path: str) -> dict | None:
     """The peer bank of MCIS co-segmentation: `cams.mcis_bank` train image ids per class,
     chosen from the label index, and where to read them. Each actor reads the bank's
     encoded images itself (a few hundred rows): only ids travel in the constructor
@@ -63,11 +64,11 @@ def mcis_bank(config, run: Run) -> dict | None:
     cfg = config.cams
     if cfg.mcis_peers <= 0:
         return None
-    index = read_table(run.dataset_path, ["image_id", "label_vector"],
+    index = read_table(dataset_path, ["image_id", "label_vector"],
                        [config.classifier.train_split])
     labels = np.array(index.column("label_vector").to_pylist(), np.uint8)
     bank = choose_bank(labels, index.column("image_id").to_pylist(), cfg.mcis_bank, cfg.seed)
-    return {"bank": bank, "dataset": run.dataset_path, "peers": cfg.mcis_peers,
+    return {"bank": bank, "dataset": dataset_path, "peers": cfg.mcis_peers,
             "seed": cfg.seed}
 
 
@@ -76,55 +77,36 @@ def method_options(cfg) -> dict:
             "lambda_bg": cfg.lambda_bg, "scorecam_batch": cfg.scorecam_batch}
 
 
-def actor_count(cfg) -> int:
-    """cams.num_actors, or by default one actor per GPU, or all CPUs but one: Ray Data's
-    read and write tasks need a CPU of their own, and an actor pool that holds every CPU
-    starves them (the stage would hang)."""
-    import ray
-
-    resources = ray.cluster_resources()
-    cpus = int(resources.get("CPU", 1))
-    if cfg.gpus_per_actor > 0:
-        n = cfg.num_actors or max(1, int(resources.get("GPU", 0) // cfg.gpus_per_actor))
-    else:
-        n = cfg.num_actors or max(1, (cpus - 1) // cfg.cpus_per_actor)
-    if n * cfg.cpus_per_actor >= cpus and cpus > 1:
-        raise ConfigError(f"cams: {n} actor(s) x {cfg.cpus_per_actor} CPU would hold all "
-                          f"{cpus} CPUs of the cluster and starve Ray Data's read tasks; "
-                          "lower cams.num_actors or cams.cpus_per_actor")
-    return n
-
-
-def cam_dataset(config, run: Run, model_dir: str | None = None, splits=None):
+def cam_dataset(config, dataset_path: str, model_dir: str, splits=None):
     """The (lazy) Ray Dataset of CAM rows for `splits` (default: cams.splits)."""
-    import ray.data
+    from ..runtime import gpus_usable
 
     cfg = config.cams
-    ds = open_dataset(run.dataset_path, list(PASSTHROUGH), splits or list(cfg.splits),
+    # fail before the actors start when GPUs are asked for and none is usable
+    use_gpu = gpus_usable(cfg.gpus_per_actor > 0, config.ray.allow_cpu_fallback,
+                          "cams.gpus_per_actor", probe_gpus=cfg.gpus_per_actor)
+    ds = open_dataset(dataset_path, list(PASSTHROUGH), splits or list(cfg.splits),
                       rows_per_block=cfg.batch_size)
-    use_gpu = cfg.gpus_per_actor > 0
-    return ds.map_batches(
-        CamPredictor,
-        fn_constructor_kwargs={"model_dir": model_dir or run.path("classifier"),
-                               "method": cfg.method, "scales": cfg.scales, "flip": cfg.flip,
-                               "threads": cfg.torch_threads or cfg.cpus_per_actor,
-                               "use_gpu": use_gpu, "options": method_options(cfg),
-                               "max_side": cfg.max_image_side,
-                               "mcis": mcis_bank(config, run)},
-        compute=ray.data.ActorPoolStrategy(size=actor_count(cfg)),
-        batch_size=cfg.batch_size, batch_format="numpy",
-        num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor or None,
-    )
+    return map_with_model(
+        ds, CamPredictor,
+        {"model_dir": model_dir, "method": cfg.method, "scales": cfg.scales,
+         "flip": cfg.flip, "threads": cfg.torch_threads or cfg.cpus_per_actor,
+         "use_gpu": use_gpu, "options": method_options(cfg),
+         "max_side": cfg.max_image_side, "mcis": mcis_bank(config, dataset_path),
+         "allow_cpu_fallback": config.ray.allow_cpu_fallback},
+        ActorResources.of(cfg, "cams") if use_gpu or cfg.gpus_per_actor == 0 else
+        ActorResources(cfg.num_actors or 1, cfg.cpus_per_actor, 0.0, "cams"), cfg.batch_size)
 
 
-def run(config, run: Run) -> dict:
+def run(config, ctx) -> dict:
     from .methods import get_method
 
     get_method(config.cams.method)  # fail on a bad name before starting actors
+    model_dir = ctx.input("classifier")
     if config.cams.mcis_peers > 0 and not storage.read_json(
-            run.path("classifier", "model.json")).get("mcis"):
+            storage.join(model_dir, "model.json")).get("mcis"):
         raise ConfigError("cams.mcis_peers > 0 needs a classifier trained with "
                           "regularizers.mcis.enabled: true")
-    with run.output("cams") as out:
-        write_parquet(cam_dataset(config, run), out, config.ray)
+    with ctx.output() as out:
+        write_parquet(cam_dataset(config, ctx.dataset_path, model_dir), out, config.ray)
     return {}

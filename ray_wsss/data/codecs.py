@@ -1,10 +1,12 @@
 """Encoding and decoding of what a dataset row holds: images, label maps, dense arrays.
 
 Images stay the encoded file they came as and are decoded with OpenCV where they are
-used. Label maps are PNG; they are written as palette PNGs with the VOC colour map so
-that they open as readable pictures, and read back as indices (Pillow, because OpenCV
-expands palettes to colours). Dense float arrays are `.npy` bytes, loaded with
-`allow_pickle=False`.
+used, always in their stored orientation (an EXIF orientation tag is not applied, as VOC
+and COCO annotations assume); the importers validate with the same `decode_image`, so a
+file is refused at import exactly when training could not read it. Label maps are PNG;
+they are written as palette PNGs with the VOC colour map so that they open as readable
+pictures, and read back as indices (Pillow, because OpenCV expands palettes to colours).
+Dense float arrays are `.npy` bytes, loaded with `allow_pickle=False`.
 """
 from __future__ import annotations
 
@@ -18,8 +20,16 @@ from ..errors import DataError
 
 IGNORE_INDEX = 255
 
-# Decoding a 6000x4000 photo is fine; a decompression bomb is not.
+# Decoding a 6000x4000 photo is fine; a decompression bomb is not. Pillow only reads
+# headers and masks here; the importers check an image's claimed size against their own
+# limit (ImportOptions.max_megapixels) before decoding it.
 Image.MAX_IMAGE_PIXELS = 20000 * 20000
+
+EXIF_ORIENTATION = 0x0112
+# what each EXIF orientation does to the stored picture to display it
+ORIENTATION_NAMES = {2: "mirrored", 3: "rotated 180 degrees", 4: "flipped upside down",
+                     5: "transposed", 6: "rotated 90 degrees clockwise",
+                     7: "transversed", 8: "rotated 90 degrees counter-clockwise"}
 
 
 def voc_palette(n: int = 256) -> np.ndarray:
@@ -41,14 +51,21 @@ PALETTE = voc_palette()
 
 def decode_image(data: bytes | None, where: str = "image", max_side: int | None = None
                  ) -> np.ndarray:
-    """Encoded image bytes -> RGB uint8 (H, W, 3).
+    """Encoded image bytes -> RGB uint8 (H, W, 3), in stored orientation.
 
     Grayscale is expanded to 3 channels, an alpha channel is composited on black
     (as the visible image is what the labels describe), 16-bit is scaled to 8-bit.
     `max_side`: images larger than this are shrunk while decoding (memory stays bounded).
+    EXIF orientation is never applied, on either path (IMREAD_UNCHANGED ignores it; the
+    reduced decodes are told to): the full and the shrunk decode show the same picture.
+    A JPEG whose last scan has no end-of-image marker is refused as truncated (some
+    OpenCV builds return such a file half grey instead of failing).
     """
     if data is None or len(data) == 0:
         raise DataError("empty image file (0 bytes)", path=where)
+    if _truncated_jpeg(data):
+        raise DataError("cannot decode image (truncated JPEG: no end-of-image marker "
+                        "after its last scan)", path=where)
     buf = np.frombuffer(data, np.uint8)
     flags = cv2.IMREAD_UNCHANGED
     if max_side is not None:
@@ -57,7 +74,7 @@ def decode_image(data: bytes | None, where: str = "image", max_side: int | None 
             # Let libjpeg decode at 1/2, 1/4 or 1/8 size instead of the full array.
             factor = max(f for f in (2, 4, 8) if max(info) / f >= max_side)
             flags = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
-                     8: cv2.IMREAD_REDUCED_COLOR_8}[factor]
+                     8: cv2.IMREAD_REDUCED_COLOR_8}[factor] | cv2.IMREAD_IGNORE_ORIENTATION
     img = cv2.imdecode(buf, flags)
     if img is None:
         raise DataError("cannot decode image (not an image, or truncated/corrupt)", path=where)
@@ -75,6 +92,57 @@ def decode_image(data: bytes | None, where: str = "image", max_side: int | None 
         img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
     if max_side is not None and max(img.shape[:2]) > max_side:
         img = resize_image(img, max_side)
+    return np.ascontiguousarray(img)
+
+
+def _truncated_jpeg(data: bytes) -> bool:
+    # Inside entropy-coded data 0xFF is always followed by 0x00 or a restart marker, so
+    # the last SOS (FFDA) and EOI (FFD9) markers found are real ones; an embedded EXIF
+    # thumbnail comes before the main image's scans.
+    return data[:2] == b"\xff\xd8" and data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda")
+
+
+def image_header(data: bytes, where: str = "image") -> tuple[int, int, str, int] | None:
+    """(height, width, format, EXIF orientation 1..8) from an encoded image's header,
+    without decoding its pixels; None when Pillow cannot parse the header (OpenCV may
+    still decode it). The size is the stored picture's (before any EXIF rotation).
+
+    Raises DataError for a header claiming more than twice Pillow's MAX_IMAGE_PIXELS
+    (Pillow refuses to open those at all)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            fmt = im.format or ""
+            try:
+                orientation = int(im.getexif().get(EXIF_ORIENTATION, 1) or 1)
+            except Exception:  # noqa: BLE001 - a broken EXIF block is not a broken image
+                orientation = 1
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"refused as a likely decompression bomb: its header claims more "
+                        f"than {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels ({exc})",
+                        path=where) from None
+    except Exception:  # noqa: BLE001 - undecodable headers fall through to OpenCV's error
+        return None
+    return h, w, fmt, orientation if orientation in range(1, 9) else 1
+
+
+def apply_orientation(img: np.ndarray, orientation: int) -> np.ndarray:
+    """A stored (H, W, ...) picture as displayed under EXIF orientation 1..8 (what
+    Pillow's ImageOps.exif_transpose and OpenCV's IMREAD_COLOR do)."""
+    if orientation == 2:
+        img = img[:, ::-1]
+    elif orientation == 3:
+        img = img[::-1, ::-1]
+    elif orientation == 4:
+        img = img[::-1]
+    elif orientation == 5:
+        img = img.swapaxes(0, 1)
+    elif orientation == 6:
+        img = img.swapaxes(0, 1)[:, ::-1]
+    elif orientation == 7:
+        img = img.swapaxes(0, 1)[::-1, ::-1]
+    elif orientation == 8:
+        img = img.swapaxes(0, 1)[::-1]
     return np.ascontiguousarray(img)
 
 

@@ -4,6 +4,11 @@ Columns (DESIGN.md): image_id, image (encoded bytes), height, width, labels
 (list<int16>, classes 1..K), label_vector (K x uint8 multi-hot, which survives Ray Data's
 tensor conversion where a list column does not), mask (PNG label map or null), split.
 
+A dataset imported with tiles (`tiles.py`) has three more columns, null on rows that are
+whole images: parent_id (the frame's id), tile_box (4 x int32: y0, x0, y1, x1 in the
+frame's pixels, end-exclusive) and parent_size (2 x int32: the frame's height, width).
+They are optional: `check_columns` and every reader need only `COLUMNS`.
+
 `DatasetWriter` writes into a temporary folder and renames it into place on `commit()`,
 so an import that fails half way leaves no dataset behind.
 """
@@ -23,6 +28,7 @@ from ..errors import DataError
 from .codecs import IGNORE_INDEX
 
 COLUMNS = ("image_id", "image", "height", "width", "labels", "label_vector", "mask", "split")
+TILE_COLUMNS = ("parent_id", "tile_box", "parent_size")  # only in tiled datasets
 CLASSES_FILE = "classes.json"
 
 
@@ -56,7 +62,13 @@ class DatasetInfo:
         return ("background",) + self.classes
 
 
-def arrow_schema(info: DatasetInfo) -> pa.Schema:
+def arrow_schema(info: DatasetInfo, tiled: bool = False) -> pa.Schema:
+    """The Parquet schema; `tiled` adds the nullable TILE_COLUMNS."""
+    tile_fields = [
+        pa.field("parent_id", pa.string(), nullable=True),
+        pa.field("tile_box", pa.list_(pa.int32(), 4), nullable=True),
+        pa.field("parent_size", pa.list_(pa.int32(), 2), nullable=True),
+    ] if tiled else []
     return pa.schema([
         pa.field("image_id", pa.string(), nullable=False),
         pa.field("image", pa.binary(), nullable=False),
@@ -66,6 +78,7 @@ def arrow_schema(info: DatasetInfo) -> pa.Schema:
         pa.field("label_vector", pa.list_(pa.uint8(), info.num_classes), nullable=False),
         pa.field("mask", pa.binary(), nullable=True),
         pa.field("split", pa.string(), nullable=False),
+        *tile_fields,
     ], metadata={"ray_wsss.dataset": json.dumps(info.to_json())})
 
 
@@ -124,13 +137,14 @@ class DatasetWriter:
     """
 
     def __init__(self, path: str, info: DatasetInfo, rows_per_file: int = 1024,
-                 rows_per_group: int = 64, overwrite: bool = False):
+                 rows_per_group: int = 64, overwrite: bool = False, tiled: bool = False):
         self.path = storage.resolve(path)
         if storage.exists(self.path) and not overwrite:
             raise DataError("a dataset already exists here (pass overwrite to replace it)",
                             path=self.path)
         self.info = info
-        self.schema = arrow_schema(info)
+        self.tiled = tiled
+        self.schema = arrow_schema(info, tiled)
         self.rows_per_file = rows_per_file
         self.rows_per_group = rows_per_group
         self.tmp = storage.temp_sibling(self.path)
@@ -141,6 +155,8 @@ class DatasetWriter:
         self._rows_in_file = 0
         self._files = 0
         self.counts: dict[str, int] = {}
+        # rows holding each class, per split (label statistics)
+        self.class_counts: dict[str, np.ndarray] = {}
 
     def add(self, row: dict, where: str | None = None) -> None:
         image_id = row["image_id"]
@@ -159,10 +175,22 @@ class DatasetWriter:
         full["labels"] = sorted({int(c) for c in labels})
         full["label_vector"] = labels_to_vector(full["labels"], self.info.num_classes).tolist()
         full.setdefault("mask", None)
+        if self.tiled:
+            for col in TILE_COLUMNS:
+                full.setdefault(col, None)
+        elif any(full.get(col) is not None for col in TILE_COLUMNS):
+            raise ValueError("a tile row needs a DatasetWriter(tiled=True)")
         self._buffer.append(full)
         self.counts[row["split"]] = self.counts.get(row["split"], 0) + 1
+        per_class = self.class_counts.setdefault(row["split"],
+                                                 np.zeros(self.info.num_classes, np.int64))
+        per_class += np.asarray(full["label_vector"], np.int64)
         if len(self._buffer) >= self.rows_per_group:
             self._flush()
+
+    def __contains__(self, image_id: str) -> bool:
+        """Whether a row with this image_id was added."""
+        return image_id in self._ids
 
     def _flush(self) -> None:
         if not self._buffer:
@@ -212,6 +240,54 @@ class DatasetWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self.abort()
+
+
+CROWDED_SHARE = 0.9  # a class in more of the training rows than this cannot be localised
+
+
+def label_statistics(counts: dict[str, int], class_counts: dict[str, np.ndarray],
+                     info: DatasetInfo) -> dict:
+    """Per split, the share of its rows that hold each class:
+    {split: {"rows": n, "share": {class name: fraction in [0, 1]}}}."""
+    return {split: {"rows": int(counts[split]),
+                    "share": {name: round(float(c) / counts[split], 4)
+                              for name, c in zip(info.classes, class_counts[split])}}
+            for split in sorted(counts)}
+
+
+def crowded_class_warnings(stats: dict, train_split: str, tiled: bool = False,
+                           limit: float = CROWDED_SHARE) -> list[str]:
+    """Warnings for the classes in more than `limit` of the rows of `train_split`.
+
+    Such a class has (almost) no negative example: the classifier can score it without
+    looking at it, so its CAM does not localise it."""
+    split = stats.get(train_split)
+    if split is None:
+        return []
+    hint = "consider smaller tiles" if tiled else "consider --tiles"
+    unit = "tiles" if tiled else "images"
+    return [f"class {name} is in {100 * share:.0f}% of the {train_split} {unit}: its CAM "
+            f"will not localise; {hint}"
+            for name, share in split["share"].items() if share > limit]
+
+
+def read_meta(path: str) -> dict:
+    """The whole classes.json of a dataset (class list, counts, tiling, label_stats...)."""
+    where = storage.join(storage.resolve(path), CLASSES_FILE)
+    if not storage.exists(where):
+        raise DataError(f"not a ray-wsss dataset (no {CLASSES_FILE})",
+                        path=storage.resolve(path))
+    try:
+        return storage.read_json(where)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"not valid JSON: {exc}", path=where) from None
+
+
+def read_tiling(path: str) -> dict | None:
+    """How a dataset was tiled at import (classes.json's `tiling`), None if it was not:
+    {"grid": [rows, cols]} or {"tile_size": [h, w]}, "min_fraction", "tags" ("masks" or
+    "csv"), "tags_csv", "splits", "tiles", "skipped_tiles"."""
+    return read_meta(path).get("tiling")
 
 
 def read_info(path: str) -> DatasetInfo:

@@ -1,16 +1,22 @@
 """Importers: VOC-style folders, plain folders (+ labels CSV and/or masks), COCO JSON.
 
-Each turns a user's files into the Parquet dataset of `dataset.py`. Every image and mask
-is decoded once to validate it: an unreadable or truncated image, a mask whose size
-differs from its image, a mask value or label beyond the class list, a duplicate
-image_id or an empty label list stops the import with an error naming the file, or,
-with `skip_bad`, is skipped and listed in the import report. Either way no half-written
-dataset is left behind (see `DatasetWriter`).
+Each turns a user's files into the Parquet dataset of `dataset.py`. Every image is
+decoded fully, with the decoder training uses (`codecs.decode_image`, OpenCV, stored
+orientation), so a file is accepted exactly when the pipeline can read it; its header's
+claimed size is checked against `max_megapixels` first (decompression bombs). An
+unreadable or truncated image, a mask whose size differs from its image, a mask value or
+label beyond the class list, a duplicate image_id or an empty label list stops the import
+with an error naming the file, or, with `skip_bad`, is skipped and listed in the import
+report. Either way no half-written dataset is left behind (see `DatasetWriter`).
+
+With `tiles` (a rows x cols grid) or `tile_size` (pixels), every image becomes tiles, one
+row each (`tiles.py`), tagged from its mask or from a CSV of tile tags. The import also
+records, per split, the share of rows holding each class, and warns about classes in
+more than 90% of the training rows (their CAMs cannot localise them).
 """
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import re
@@ -21,11 +27,14 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import cv2
 import numpy as np
-from PIL import Image
 
-from ..errors import DataError
-from .codecs import IGNORE_INDEX, decode_mask, encode_mask, resize_mask, scaled_size
-from .dataset import DatasetInfo, DatasetWriter, check_mask_values, labels_from_mask
+from ..errors import ConfigError, DataError
+from . import tiles as tiling
+from .codecs import (IGNORE_INDEX, ORIENTATION_NAMES, apply_orientation, decode_image,
+                     decode_mask, encode_image, encode_mask, image_header, resize_mask,
+                     scaled_size)
+from .dataset import (DatasetInfo, DatasetWriter, check_mask_values, crowded_class_warnings,
+                      label_statistics, labels_from_mask)
 
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
                "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person",
@@ -44,16 +53,69 @@ class Candidate:
     mask_array: np.ndarray | None = None     # already decoded mask (COCO polygons)
     mask_fn: Callable[[int, int], np.ndarray] | None = None  # mask drawn at (h, w)
     error: DataError | None = None           # known bad before reading (e.g. its name)
+    declared_size: tuple[int, int] | None = None  # (h, w) the annotations say (COCO)
+    declared_in: str | None = None           # the file that declares it
 
 
 @dataclass
 class ImportOptions:
+    """How images become rows. Tiling: `tiles` (rows, cols) or `tile_size` (height,
+    width: the fewest tiles of at most that size, split evenly; see
+    `tiles.tile_boxes_by_size`), tagged with the classes covering at least
+    `tile_min_fraction` of a tile's labelled pixels, or from `tile_tags` (a CSV like the
+    labels CSV whose image column holds tile ids, `<image_id>@r<i>c<j>`); `tile_splits`:
+    the splits to tile (None: all). `max_image_side` shrinks the whole image before it is
+    tiled. `apply_exif`: rotate images by their EXIF orientation tag (for masks drawn on
+    the displayed picture); by default stored pixels are used, as VOC and COCO assume.
+    `train_split`: the split whose label statistics warn about crowded classes."""
     mask_offset: int = 0
     ignore_values: tuple[int, ...] = ()
     max_image_side: int | None = None
     skip_bad: bool = False
     overwrite: bool = False
     threads: int = 4
+    tiles: tuple[int, int] | None = None
+    tile_size: tuple[int, int] | None = None
+    tile_min_fraction: float = 0.01
+    tile_tags: str | None = None
+    tile_splits: tuple[str, ...] | None = None
+    apply_exif: bool = False
+    max_megapixels: float = 200.0  # a 200 MP phone photo (16320x12240) still passes
+    train_split: str = "train"
+
+    @property
+    def tiled(self) -> bool:
+        return self.tiles is not None or self.tile_size is not None
+
+    def check(self) -> None:
+        """Raise ConfigError naming the option that is wrong."""
+        if self.tiles is not None and self.tile_size is not None:
+            raise ConfigError("tiles (--tiles) and tile_size (--tile-size) exclude each other")
+        for name in ("tiles", "tile_size"):
+            value = getattr(self, name)
+            if value is not None and (len(value) != 2 or min(value) < 1):
+                raise ConfigError(f"{name}: expected two positive integers, got {value}")
+        if not 0.0 <= self.tile_min_fraction <= 1.0:
+            raise ConfigError(f"tile_min_fraction: expected a fraction in [0, 1], got "
+                              f"{self.tile_min_fraction}")
+        if not self.tiled and (self.tile_tags is not None or self.tile_splits is not None):
+            raise ConfigError("tile_tags / tile_splits need tiles or tile_size")
+        if self.max_megapixels <= 0:
+            raise ConfigError(f"max_megapixels: expected a positive number, got "
+                              f"{self.max_megapixels}")
+
+    def tiling_meta(self) -> dict | None:
+        """classes.json's `tiling`: how the tiles and their tags were made."""
+        if not self.tiled:
+            return None
+        meta: dict = ({"grid": list(self.tiles)} if self.tiles is not None
+                      else {"tile_size": list(self.tile_size), "split": "even"})
+        meta["splits"] = None if self.tile_splits is None else list(self.tile_splits)
+        if self.tile_tags is not None:
+            meta.update(tags="csv", tags_csv=os.path.abspath(self.tile_tags))
+        else:
+            meta.update(tags="masks", min_fraction=self.tile_min_fraction)
+        return meta
 
 
 @dataclass
@@ -61,6 +123,10 @@ class ImportResult:
     path: str
     counts: dict[str, int]
     skipped: list[dict] = field(default_factory=list)
+    tiles: int = 0                       # tile rows written
+    skipped_tiles: list[str] = field(default_factory=list)  # no class above the threshold
+    label_stats: dict = field(default_factory=dict)  # see dataset.label_statistics
+    warnings: list[str] = field(default_factory=list)
 
 
 def _bad_name(name: str, folder: str) -> DataError | None:
@@ -81,55 +147,116 @@ def _read(path: str) -> bytes:
         raise DataError(f"cannot read file ({exc.strerror})", path=path) from None
 
 
-def _check_image(data: bytes, where: str) -> tuple[int, int, str]:
-    """Fully decode with Pillow (it detects truncated files that OpenCV half-decodes).
+def check_class_names(names: Sequence[str], where: str | None) -> None:
+    """Refuse repeated names and names that differ only in case (`A`, `a`): they would
+    silently become two classes."""
+    seen: dict[str, str] = {}
+    for name in names:
+        other = seen.setdefault(name.casefold(), name)
+        if other == name and names.count(name) > 1:
+            raise DataError(f"class name {name!r} repeats", path=where)
+        if other != name:
+            raise DataError(f"class names {other!r} and {name!r} differ only in case: they "
+                            "would become two classes; spell them the same", path=where)
 
-    Returns (height, width, format)."""
+
+def _check_megapixels(h: int, w: int, size: int, where: str, limit: float) -> None:
+    if h * w > limit * 1e6:
+        raise DataError(f"image claims {w}x{h} pixels ({h * w / 1e6:.3g} megapixels, a "
+                        f"{size}-byte file), over the limit of {limit:g} megapixels: refused "
+                        "as a possible decompression bomb (raise --max-megapixels, "
+                        "ImportOptions.max_megapixels, if it is a real photo)", path=where)
+
+
+def load_image(data: bytes, where: str, opts: ImportOptions) -> tuple[np.ndarray, str, int]:
+    """Validate an encoded image as the pipeline will read it.
+
+    Checks the header's claimed size against `opts.max_megapixels` before decoding, then
+    decodes fully with `codecs.decode_image` (the decoder training uses). Returns the
+    RGB pixels (H, W, 3) uint8 in stored orientation, the format ("JPEG", "PNG", ...; ""
+    when Pillow cannot read the header) and the EXIF orientation (1..8)."""
     if not data:
         raise DataError("empty image file (0 bytes)", path=where)
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            fmt = im.format or ""
-            im.load()
-            w, h = im.size
-    except Image.DecompressionBombError:
-        raise DataError("image too large to decode safely", path=where) from None
-    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for bad files
-        raise DataError(f"cannot decode image ({exc.__class__.__name__}: {exc})",
-                        path=where) from None
-    if h < 1 or w < 1:
-        raise DataError(f"image has no pixels ({w}x{h})", path=where)
-    return h, w, fmt
+    header = image_header(data, where)
+    fmt, orientation = "", 1
+    if header is not None:
+        h, w, fmt, orientation = header
+        _check_megapixels(h, w, len(data), where, opts.max_megapixels)
+    img = decode_image(data, where)
+    if header is None:
+        _check_megapixels(img.shape[0], img.shape[1], len(data), where, opts.max_megapixels)
+    if img.shape[0] < 1 or img.shape[1] < 1:
+        raise DataError(f"image has no pixels ({img.shape[1]}x{img.shape[0]})", path=where)
+    return img, fmt, orientation
 
 
-def _shrink(data: bytes, fmt: str, h: int, w: int, max_side: int, where: str
-            ) -> tuple[bytes, int, int]:
-    from .codecs import decode_image, encode_image
-    img = decode_image(data, where, max_side=max_side)
-    nh, nw = scaled_size(h, w, max_side)
-    if img.shape[:2] != (nh, nw):
-        img = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA)
-    ext = ".jpg" if fmt == "JPEG" else ".png"
-    return encode_image(img, ext), nh, nw
+def _size_error(what: str, got: tuple[int, int], image: tuple[int, int], image_path: str,
+                orientation: int, applied: bool) -> str:
+    """The message of a mask/annotation size that differs from its image's, saying when
+    the image's EXIF orientation tag explains it."""
+    (gh, gw), (h, w) = got, image
+    msg = f"{what} is {gw}x{gh} but its image {image_path} is {w}x{h}"
+    if orientation in (5, 6, 7, 8) and (gh, gw) == (w, h):
+        turn = f"EXIF orientation tag ({orientation}: {ORIENTATION_NAMES[orientation]})"
+        if applied:
+            msg += (f" after applying its {turn}; the {what} matches the stored pixels: "
+                    "import without --apply-exif (ImportOptions.apply_exif)")
+        else:
+            msg += (f" as stored; its {turn} displays it as {h}x{w}: if the masks were "
+                    "drawn on the displayed picture, import with --apply-exif "
+                    "(ImportOptions.apply_exif)")
+    return msg
 
 
-def _process(c: Candidate, info: DatasetInfo, opts: ImportOptions) -> dict:
-    if c.error is not None:
-        raise c.error
-    data = _read(c.image_path)
-    h, w, fmt = _check_image(data, c.image_path)
-    mask = None
-    mask_where = c.mask_path or c.image_path
+def _load_mask(c: Candidate, h: int, w: int, orientation: int, opts: ImportOptions
+               ) -> np.ndarray | None:
     if c.mask_path is not None:
-        mask = decode_mask(_read(c.mask_path), c.mask_path)
+        data = _read(c.mask_path)
+        # compare the header's size first: a huge mask is refused before it is decoded
+        header = image_header(data, c.mask_path)
+        if header is not None and header[:2] != (h, w):
+            raise DataError(_size_error("mask", header[:2], (h, w), c.image_path,
+                                        orientation, opts.apply_exif),
+                            path=c.mask_path, row=c.image_id)
+        mask = decode_mask(data, c.mask_path)
     elif c.mask_array is not None:
         mask = c.mask_array
     elif c.mask_fn is not None:
+        if c.declared_size is not None and c.declared_size != (h, w):
+            raise DataError(_size_error("the annotation's image size", c.declared_size,
+                                        (h, w), c.image_path, orientation, opts.apply_exif),
+                            path=c.declared_in, row=c.image_id)
         mask = c.mask_fn(h, w)
+    else:
+        return None
+    if mask.shape != (h, w):
+        raise DataError(_size_error("mask", mask.shape, (h, w), c.image_path, orientation,
+                                    opts.apply_exif),
+                        path=c.mask_path or c.image_path, row=c.image_id)
+    return mask
+
+
+@dataclass
+class _Processed:
+    rows: list[dict]
+    skipped_tiles: list[str] = field(default_factory=list)
+    tile_ids: list[str] = field(default_factory=list)  # every tile made, kept or not
+
+
+def _process(c: Candidate, info: DatasetInfo, opts: ImportOptions,
+             tile_tags: dict[str, list[int]] | None = None) -> _Processed:
+    if c.error is not None:
+        raise c.error
+    data = _read(c.image_path)
+    img, fmt, orientation = load_image(data, c.image_path, opts)
+    reencode = False
+    if opts.apply_exif and orientation != 1:
+        img = apply_orientation(img, orientation)
+        reencode = True
+    h, w = img.shape[:2]
+    mask = _load_mask(c, h, w, orientation, opts)
+    mask_where = c.mask_path or c.image_path
     if mask is not None:
-        if mask.shape != (h, w):
-            raise DataError(f"mask is {mask.shape[1]}x{mask.shape[0]} but its image "
-                            f"{c.image_path} is {w}x{h}", path=mask_where, row=c.image_id)
         if opts.ignore_values or opts.mask_offset:
             ignore = np.isin(mask, opts.ignore_values) | (mask == IGNORE_INDEX)
             shifted = mask.astype(np.int32) + opts.mask_offset
@@ -139,49 +266,149 @@ def _process(c: Candidate, info: DatasetInfo, opts: ImportOptions) -> dict:
                                 "in 0..254", path=mask_where, row=c.image_id)
             mask = np.where(ignore, IGNORE_INDEX, shifted).astype(np.uint8)
         check_mask_values(mask, info, mask_where, c.image_id)
+    if opts.max_image_side is not None and max(h, w) > opts.max_image_side:
+        h, w = scaled_size(h, w, opts.max_image_side)
+        img = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)
+        if mask is not None:
+            mask = resize_mask(mask, h, w)
+        reencode = True
+    ext = ".jpg" if fmt == "JPEG" else ".png"
+    if opts.tiled and (opts.tile_splits is None or c.split in opts.tile_splits):
+        return _tile_rows(c, img, mask, ext, info, opts, tile_tags)
     labels = c.labels
     if labels is None:
         if mask is None:
             raise DataError("no labels: give a labels CSV or a mask for this image",
                             path=c.image_path, row=c.image_id)
         labels = labels_from_mask(mask, info)
-    if opts.max_image_side is not None and max(h, w) > opts.max_image_side:
-        data, h, w = _shrink(data, fmt, h, w, opts.max_image_side, c.image_path)
-        if mask is not None:
-            mask = resize_mask(mask, h, w)
-    return {"image_id": c.image_id, "image": data, "height": h, "width": w,
-            "labels": labels, "split": c.split,
-            "mask": None if mask is None else encode_mask(mask)}
+    return _Processed([{"image_id": c.image_id,
+                        "image": encode_image(img, ext) if reencode else data,
+                        "height": h, "width": w, "labels": labels, "split": c.split,
+                        "mask": None if mask is None else encode_mask(mask)}])
+
+
+def _tile_rows(c: Candidate, img: np.ndarray, mask: np.ndarray | None, ext: str,
+               info: DatasetInfo, opts: ImportOptions,
+               tile_tags: dict[str, list[int]] | None) -> _Processed:
+    h, w = img.shape[:2]
+    try:
+        if opts.tiles is not None:
+            boxes = tiling.tile_boxes(h, w, *opts.tiles)
+        else:
+            boxes = tiling.tile_boxes_by_size(h, w, *opts.tile_size)
+    except ValueError as exc:
+        raise DataError(str(exc), path=c.image_path, row=c.image_id) from None
+    if tile_tags is None and mask is None:
+        raise DataError("tiles are tagged from masks, and this image has none: give its "
+                        "mask, a tile tags CSV (--tile-tags), or --skip-bad to leave such "
+                        "images out", path=c.image_path, row=c.image_id)
+    out = _Processed([])
+    for i, j, box in boxes:
+        tid = tiling.tile_id(c.image_id, i, j)
+        out.tile_ids.append(tid)
+        tile_mask = None if mask is None else tiling.cut(mask, box)
+        if tile_tags is not None:
+            if tid not in tile_tags:
+                raise DataError(f"tile {tid} has no row in the tile tags CSV "
+                                f"{opts.tile_tags} (give it an empty labels cell to leave "
+                                "it out)", path=c.image_path, row=c.image_id)
+            labels = tile_tags[tid]
+        else:
+            labels = tiling.tile_tags(tile_mask, opts.tile_min_fraction, info.num_classes,
+                                      info.background)
+        if not labels:
+            out.skipped_tiles.append(tid)
+            continue
+        y0, x0, y1, x1 = box
+        out.rows.append({
+            "image_id": tid, "image": encode_image(tiling.cut(img, box), ext),
+            "height": y1 - y0, "width": x1 - x0, "labels": labels, "split": c.split,
+            "mask": None if tile_mask is None else encode_mask(np.ascontiguousarray(tile_mask)),
+            "parent_id": c.image_id, "tile_box": [y0, x0, y1, x1], "parent_size": [h, w]})
+    return out
+
+
+def read_tile_tags(path: str, info: DatasetInfo) -> dict[str, list[int]]:
+    """{tile id: classes} from a CSV in the labels CSV's format whose image column holds
+    tile ids (`<image_id>@r<i>c<j>`); an empty labels cell leaves the tile out. A split
+    column is ignored: a tile is in its image's split."""
+    rows, _ = read_labels_csv(path, info.classes, ids_as_given=True)
+    for tid, (labels, _) in rows.items():
+        if tiling.parse_tile_id(tid) is None:
+            raise DataError(f"{tid!r} is not a tile id (<image_id>@r<i>c<j>, i and j "
+                            "from 0)", path=path)
+        bad = [c for c in labels if not 1 <= c <= info.num_classes]
+        if bad:
+            raise DataError(f"label {bad[0]} out of range 1..{info.num_classes}", path=path,
+                            row=tid)
+    return {tid: labels for tid, (labels, _) in rows.items()}
 
 
 def write_dataset(candidates: Iterable[Candidate], out: str, info: DatasetInfo,
                   opts: ImportOptions, extra: dict | None = None) -> ImportResult:
     """Validate and write candidates (in order) as a dataset at `out`."""
+    opts.check()
+    tile_tags = read_tile_tags(opts.tile_tags, info) if opts.tile_tags else None
     skipped: list[dict] = []
-    with DatasetWriter(out, info, overwrite=opts.overwrite) as writer, \
+    skipped_tiles: list[str] = []
+    made_tiles: set[str] = set()
+    tile_rows = 0
+    failed: set[str] = set()
+    with DatasetWriter(out, info, overwrite=opts.overwrite, tiled=opts.tiled) as writer, \
             ThreadPoolExecutor(max(1, opts.threads)) as pool:
         def safe(c: Candidate):
             try:
-                return _process(c, info, opts), None
+                return _process(c, info, opts, tile_tags), None
             except DataError as exc:
                 return None, exc
 
         for chunk in _chunks(candidates, 32):
-            for c, (row, err) in zip(chunk, pool.map(safe, chunk)):
+            for c, (done, err) in zip(chunk, pool.map(safe, chunk)):
                 if err is None:
                     try:
-                        writer.add(row, where=c.image_path)
+                        # all of an image's rows or none (a duplicate id found on its
+                        # third tile must not leave two tiles behind)
+                        for row in done.rows:
+                            if row["image_id"] in writer:
+                                raise DataError(f"duplicate image_id {row['image_id']!r}",
+                                                path=c.image_path, row=row["image_id"])
+                        for row in done.rows:
+                            writer.add(row, where=c.image_path)
                     except DataError as exc:
                         err = exc
+                    else:
+                        made_tiles.update(done.tile_ids)
+                        skipped_tiles += done.skipped_tiles
+                        tile_rows += sum(1 for r in done.rows if "parent_id" in r)
                 if err is not None:
                     if not opts.skip_bad:
                         raise err
+                    failed.add(c.image_id)
                     skipped.append({"image_id": c.image_id, "file": err.path,
                                     "reason": err.reason})
+        if tile_tags is not None:
+            unknown = [t for t in tile_tags if t not in made_tiles
+                       and tiling.parse_tile_id(t)[0] not in failed]
+            if unknown:
+                raise DataError(f"the tile tags CSV names {len(unknown)} tile(s) that this "
+                                f"tiling does not make, e.g. {unknown[0]!r}",
+                                path=opts.tile_tags)
+        stats = label_statistics(writer.counts, writer.class_counts, info)
+        crowded = crowded_class_warnings(stats, opts.train_split, tiled=opts.tiled)
         meta = dict(extra or {})
         meta["skipped"] = skipped
+        meta["orientation"] = "exif" if opts.apply_exif else "stored"
+        tiled_meta = opts.tiling_meta()
+        if tiled_meta is not None:
+            tiled_meta["tiles"] = tile_rows
+            tiled_meta["skipped_tiles"] = len(skipped_tiles)
+            meta["tiling"] = tiled_meta
+        meta["label_stats"] = stats
+        meta["warnings"] = crowded
         path = writer.commit(meta)
-        return ImportResult(path, dict(writer.counts), skipped)
+        return ImportResult(path, dict(writer.counts), skipped, tiles=tile_rows,
+                            skipped_tiles=skipped_tiles, label_stats=stats,
+                            warnings=crowded)
 
 
 def _chunks(items: Iterable, n: int) -> Iterator[list]:
@@ -295,6 +522,7 @@ def import_voc(root: str, out: str, opts: ImportOptions | None = None,
                images_dir: str | None = None, masks_dir: str | None = None,
                splits: Sequence[str] | None = None) -> ImportResult:
     opts = opts or ImportOptions()
+    opts.check()
     cands, info = voc_candidates(root, images_dir, masks_dir, splits)
     return write_dataset(cands, out, info, opts, {"source": f"voc:{os.path.abspath(root)}"})
 
@@ -313,18 +541,18 @@ def parse_classes(spec: str | Sequence[str] | None) -> tuple[str, ...] | None:
             names = [s.strip() for s in spec.split(",") if s.strip()]
     else:
         names = [str(s) for s in spec]
-    if len(set(names)) != len(names):
-        raise DataError("class names repeat", path=str(spec))
+    check_class_names(names, str(spec))
     return tuple(names)
 
 
-def read_labels_csv(path: str, classes: tuple[str, ...] | None
+def read_labels_csv(path: str, classes: tuple[str, ...] | None, ids_as_given: bool = False
                     ) -> tuple[dict[str, tuple[list[int], str | None]], tuple[str, ...]]:
     """CSV with columns `image` (file name or id) and `labels` (class names or 1-based
     indices separated by `;`, `|` or spaces), optionally `split`.
 
     Returns {image id: (labels as given, split)} and the class list (sorted names when
-    none is given)."""
+    none is given). The id is the file name without folder and extension, or, with
+    `ids_as_given` (tile ids, which may hold dots), the cell as written."""
     try:
         fh = open(path, newline="", encoding="utf-8")
     except OSError as exc:
@@ -341,14 +569,17 @@ def read_labels_csv(path: str, classes: tuple[str, ...] | None
             name = (row.get(key) or "").strip()
             if not name:
                 raise DataError("empty image name", path=path, row=str(lineno))
-            image_id = os.path.splitext(os.path.basename(name))[0]
+            image_id = name if ids_as_given else os.path.splitext(os.path.basename(name))[0]
             if image_id in raw:
                 raise DataError(f"duplicate image_id {image_id!r}", path=path, row=str(lineno))
             tokens = [t for t in re.split(r"[;|\s]+", (row.get("labels") or "").strip()) if t]
             raw[image_id] = (tokens, (row.get("split") or "").strip() or None, lineno)
+    if not raw:
+        raise DataError("labels CSV has no rows (only a header)", path=path)
     if classes is None:
         names = sorted({t for tokens, _, _ in raw.values() for t in tokens
                         if not t.isdigit()})
+        check_class_names(names, path)
         if not names:
             raise DataError("labels are numbers: give the class names (--classes)", path=path)
         classes = tuple(names)
@@ -416,6 +647,7 @@ def import_folder(subsets: Sequence[tuple[str, str, str | None]], out: str,
                   background: bool = True, opts: ImportOptions | None = None,
                   ids_files: Sequence[str | None] | None = None) -> ImportResult:
     opts = opts or ImportOptions()
+    opts.check()
     cands, info = folder_candidates(subsets, labels_csv, parse_classes(classes), background,
                                     ids_files)
     return write_dataset(cands, out, info, opts,
@@ -475,6 +707,7 @@ def coco_candidates(instances_json: str, images_dir: str, split: str
             raise DataError(f"missing {key!r}: not a COCO instances file", path=instances_json)
     cats = sorted(coco["categories"], key=lambda c: c["id"])
     cat_index = {c["id"]: i + 1 for i, c in enumerate(cats)}
+    check_class_names([c["name"] for c in cats], instances_json)
     info = DatasetInfo(tuple(c["name"] for c in cats), background=True)
     anns: dict[int, list[dict]] = {}
     for a in coco["annotations"]:
@@ -488,17 +721,31 @@ def coco_candidates(instances_json: str, images_dir: str, split: str
                                 f"{a['category_id']}", path=instances_json,
                                 row=str(im["file_name"]))
         labels = sorted({cat_index[a["category_id"]] for a in items if not a.get("iscrowd")})
+        name = _coco_file_name(im.get("file_name"), instances_json)
+        declared = None
+        if im.get("height") is not None and im.get("width") is not None:
+            declared = (int(im["height"]), int(im["width"]))
         cands.append(Candidate(
-            os.path.splitext(im["file_name"])[0], os.path.join(images_dir, im["file_name"]),
-            split, labels=labels, mask_fn=_coco_mask_fn(items, cat_index, im, instances_json)))
+            os.path.splitext(name)[0], os.path.join(images_dir, name), split, labels=labels,
+            mask_fn=_coco_mask_fn(items, cat_index), declared_size=declared,
+            declared_in=instances_json))
     return cands, info
 
 
-def _coco_mask_fn(items: list[dict], cat_index: dict, im: dict, where: str):
+def _coco_file_name(name, instances_json: str) -> str:
+    """A file_name must stay inside the images folder: no absolute path, no `..`."""
+    if not isinstance(name, str) or not name.strip():
+        raise DataError(f"image entry has no file_name ({name!r})", path=instances_json)
+    parts = re.split(r"[\\/]", name)
+    if os.path.isabs(name) or name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) \
+            or ".." in parts:
+        raise DataError(f"file_name {name!r} points outside the images folder (absolute "
+                        "path or '..'); refused", path=instances_json)
+    return name
+
+
+def _coco_mask_fn(items: list[dict], cat_index: dict):
     def draw(h: int, w: int) -> np.ndarray:
-        if (im.get("height"), im.get("width")) not in ((h, w), (None, None)):
-            raise DataError(f"annotation says {im['width']}x{im['height']} but the file is "
-                            f"{w}x{h}", path=where, row=str(im["file_name"]))
         mask = np.zeros((h, w), np.uint8)
         # Large objects first so that small ones drawn later stay visible.
         for a in sorted(items, key=lambda a: -float(a.get("area", 0))):
@@ -518,6 +765,7 @@ def import_coco(subsets: Sequence[tuple[str, str, str]], out: str,
                 opts: ImportOptions | None = None) -> ImportResult:
     """subsets: (split, instances JSON, images folder); all must share one category list."""
     opts = opts or ImportOptions()
+    opts.check()
     cands: list[Candidate] = []
     info = None
     for split, instances_json, images_dir in subsets:

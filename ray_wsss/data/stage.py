@@ -8,16 +8,22 @@ from __future__ import annotations
 import os
 
 from ..errors import ConfigError
-from ..run import Run
 from . import demo, importers
 from .dataset import check_columns, dataset_counts, read_info
 
 
-def import_options(data, overwrite: bool = True) -> importers.ImportOptions:
-    return importers.ImportOptions(mask_offset=data.mask_offset,
-                                   ignore_values=tuple(data.ignore_values),
-                                   max_image_side=data.max_image_side, skip_bad=data.skip_bad,
-                                   overwrite=overwrite)
+def import_options(config, root: str | None = None, overwrite: bool = True
+                   ) -> importers.ImportOptions:
+    data = config.data
+    opts = importers.ImportOptions(
+        mask_offset=data.mask_offset, ignore_values=tuple(data.ignore_values),
+        max_image_side=data.max_image_side, skip_bad=data.skip_bad, overwrite=overwrite,
+        tiles=data.tiles, tile_size=data.tile_size, tile_min_fraction=data.tile_min_fraction,
+        tile_tags=_under(root, data.tile_tags) if root else data.tile_tags,
+        tile_splits=data.tile_splits, apply_exif=data.apply_exif,
+        max_megapixels=data.max_megapixels, train_split=config.classifier.train_split)
+    opts.check()
+    return opts
 
 
 def _under(root: str, path: str | None) -> str | None:
@@ -26,9 +32,9 @@ def _under(root: str, path: str | None) -> str | None:
     return path if os.path.isabs(path) else os.path.join(root, path)
 
 
-def run(config, run: Run) -> dict:
+def run(config, ctx) -> dict:
     data = config.data
-    out = run.dataset_path
+    out = ctx.dataset_path
     if data.source == "parquet":
         check_columns(out)
         read_info(out)
@@ -41,7 +47,7 @@ def run(config, run: Run) -> dict:
         raise ConfigError(f"data.path must name the folder to import (data.source is "
                           f"{data.source})")
     root = os.path.abspath(os.path.expanduser(data.path))
-    opts = import_options(data)
+    opts = import_options(config, root)
     if data.source == "voc":
         splits = [s.split for s in data.subsets] or None
         result = importers.import_voc(root, out, opts, splits=splits)
@@ -62,4 +68,9 @@ def run(config, run: Run) -> dict:
         result = importers.import_coco(
             [(s.split, _under(root, s.annotations), _under(root, s.images))
              for s in data.subsets], out, opts)
-    return {"counts": result.counts, "skipped": len(result.skipped)}
+    for warning in getattr(result, "warnings", []):
+        print(f"[ray-wsss] warning: {warning}", flush=True)
+    summary = {"counts": result.counts, "skipped": len(result.skipped)}
+    if opts.tiled:
+        summary.update(tiles=result.tiles, skipped_tiles=len(result.skipped_tiles))
+    return summary

@@ -10,6 +10,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from ..errors import DataError
 from .codecs import decode_image
 from .dataset import label_matrix
 
@@ -100,3 +101,105 @@ class EvalTransform:
     def __call__(self, batch: dict) -> dict:
         out = np.stack([letterbox(decode_image(d), self.size) for d in batch["image"]])
         return {"image": out, "label_vector": label_matrix(batch["label_vector"])}
+
+
+# ---------------------------------------------------------------- segmentation
+
+def joint_scale_crop(image: np.ndarray, planes: list[np.ndarray], size: int, scale: float,
+                     rng: np.random.Generator, fill: int = 255
+                     ) -> tuple[np.ndarray, list[np.ndarray]]:
+    """`random_scale_crop` of an image and of label planes aligned with it (masks:
+    nearest-neighbour, padded with `fill` = ignore). The same window for all."""
+    h, w = image.shape[:2]
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    image = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
+    planes = [cv2.resize(p, (nw, nh), interpolation=cv2.INTER_NEAREST) for p in planes]
+    out = np.empty((size, size, 3), np.uint8)
+    out[:] = PAD_VALUE
+    outs = [np.full((size, size), fill, p.dtype) for p in planes]
+    cy = int(rng.integers(0, nh - size + 1)) if nh > size else 0
+    cx = int(rng.integers(0, nw - size + 1)) if nw > size else 0
+    oy = int(rng.integers(0, size - nh + 1)) if nh < size else 0
+    ox = int(rng.integers(0, size - nw + 1)) if nw < size else 0
+    ch, cw = min(size, nh), min(size, nw)
+    out[oy:oy + ch, ox:ox + cw] = image[cy:cy + ch, cx:cx + cw]
+    for o, p in zip(outs, planes):
+        o[oy:oy + ch, ox:ox + cw] = p[cy:cy + ch, cx:cx + cw]
+    return out, outs
+
+
+def letterbox_mask(mask: np.ndarray, size: int, fill: int = 255) -> np.ndarray:
+    """`letterbox` for a label map: nearest resize, padded with ignore."""
+    h, w = mask.shape[:2]
+    s = size / max(h, w)
+    nh, nw = max(1, round(h * s)), max(1, round(w * s))
+    mask = cv2.resize(mask, (nw, nh), interpolation=cv2.INTER_NEAREST)
+    out = np.full((size, size), fill, np.uint8)
+    oy, ox = (size - nh) // 2, (size - nw) // 2
+    out[oy:oy + nh, ox:ox + nw] = mask
+    return out
+
+
+def unsure_to_ignore(target: np.ndarray, cams: np.ndarray | None,
+                     band: tuple[float, float] | None) -> np.ndarray:
+    """Pixels whose highest CAM lies in [low, high) become 255: neither confident
+    background nor confident foreground (the ignore band of AffinityNet's seeds)."""
+    if band is None or cams is None or not len(cams):
+        return target
+    peak = cams.max(0)
+    out = target.copy()
+    out[(peak >= band[0]) & (peak < band[1])] = 255
+    return out
+
+
+class SegTrainTransform:
+    """Segmentation training batches: the image and its target mask (PNG bytes, plus
+    the CAMs for the unsure band when asked) decoded, then random rescale, crop,
+    horizontal flip applied to both together, colour jitter to the image. Outputs
+    {"image": (B, S, S, 3) uint8, "mask": (B, S, S) uint8, "label_vector": (B, K)}."""
+
+    def __init__(self, crop_size: int, scale_range=(0.5, 2.0), hflip: bool = True,
+                 color_jitter: float = 0.3, target: str = "pseudo_mask",
+                 unsure_band: tuple[float, float] | None = None, seed: int | None = None):
+        self.crop_size, self.scale_range, self.hflip = crop_size, scale_range, hflip
+        self.jitter, self.target, self.band, self.seed = color_jitter, target, unsure_band, seed
+
+    def __call__(self, batch: dict) -> dict:
+        from .codecs import decode_array, decode_mask
+
+        rng = np.random.default_rng(self.seed)  # a fresh one per batch (see TrainTransform)
+        n, s = len(batch["image"]), self.crop_size
+        images = np.empty((n, s, s, 3), np.uint8)
+        masks = np.empty((n, s, s), np.uint8)
+        for i, (data, image_id) in enumerate(zip(batch["image"], batch["image_id"])):
+            where = f"image_id {image_id}"
+            img = decode_image(data, where)
+            target = decode_mask(batch[self.target][i], f"{self.target} of {where}")
+            if target.shape != img.shape[:2]:
+                raise DataError(f"{self.target} is {target.shape[1]}x{target.shape[0]}, the "
+                                f"image {img.shape[1]}x{img.shape[0]}", row=str(image_id))
+            if self.band is not None and "cam" in batch:
+                cams = decode_array(batch["cam"][i], f"cam of {where}").astype(np.float32)
+                target = unsure_to_ignore(target, cams, self.band)
+            img, (target,) = joint_scale_crop(img, [target], s, rng.uniform(*self.scale_range),
+                                              rng)
+            if self.hflip and rng.random() < 0.5:
+                img, target = img[:, ::-1], target[:, ::-1]
+            images[i] = color_jitter(img, self.jitter, rng)
+            masks[i] = target
+        return {"image": images, "mask": masks,
+                "label_vector": label_matrix(batch["label_vector"])}
+
+
+class SegEvalTransform:
+    """Validation batches with ground truth: image and mask letterboxed to one size."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, batch: dict) -> dict:
+        from .codecs import decode_mask
+
+        images = np.stack([letterbox(decode_image(d), self.size) for d in batch["image"]])
+        masks = np.stack([letterbox_mask(decode_mask(m), self.size) for m in batch["mask"]])
+        return {"image": images, "mask": masks}

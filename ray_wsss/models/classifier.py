@@ -3,21 +3,21 @@ without bias (Zhou et al. 2016, as IRN and Puzzle-CAM build it).
 
 Images enter as float RGB in 0..255 (B, 3, H, W); each backbone's own normalisation is
 part of the model, so no caller has to know it. A model is saved as `model.pt` (a plain
-state dict, loadable with `weights_only=True`) beside `model.json` (how to rebuild it).
+state dict, loadable with `weights_only=True`) beside `model.json` (how to rebuild it),
+through `registry.py`.
 """
 from __future__ import annotations
 
-import io
 import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import storage
 from ..config import ModelConfig
 from ..errors import ConfigError
 from .mcis import CoAttention
+from .registry import load_model, save_model
 from .resnet import RESNET_NAMES, build_resnet, load_torchvision_weights
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -107,27 +107,18 @@ def build_classifier(cfg: ModelConfig, num_classes: int, in_channels: int = 3,
 
 def save_classifier(model: Classifier, cfg: ModelConfig, directory: str,
                     classes: list[str] | tuple[str, ...], extra: dict | None = None) -> None:
-    """Write model.pt + model.json into `directory` (a local path or a URI)."""
+    """Write model.pt + model.json (kind "classifier") into `directory` (a local path or
+    a URI); see `registry.save_model`."""
     model = getattr(model, "module", model)
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    spec = {"backbone": cfg.backbone, "output_stride": cfg.output_stride,
-            "num_classes": model.num_classes, "classes": list(classes),
-            "in_channels": int(model.mean.shape[1]), "kur": model.kur,
-            "mcis": model.co_attention is not None}
+    spec = {"kind": "classifier", "backbone": cfg.backbone,
+            "output_stride": cfg.output_stride, "num_classes": model.num_classes,
+            "classes": list(classes), "in_channels": int(model.mean.shape[1]),
+            "kur": model.kur, "mcis": model.co_attention is not None}
     spec.update(extra or {})
-    storage.write_bytes_atomic(storage.join(directory, "model.pt"), buf.getvalue())
-    storage.write_json_atomic(storage.join(directory, "model.json"), spec)
+    spec["kind"] = "classifier"  # what load_model dispatches on: extra must not change it
+    save_model(model, directory, spec)
 
 
 def load_classifier(directory: str, map_location: str | torch.device = "cpu") -> Classifier:
-    spec = storage.read_json(storage.join(directory, "model.json"))
-    cfg = ModelConfig(backbone=spec["backbone"], output_stride=spec["output_stride"],
-                      pretrained=None)
-    model = build_classifier(cfg, spec["num_classes"], spec.get("in_channels", 3),
-                             pretrained=False, kur=spec.get("kur", False),
-                             mcis=spec.get("mcis", False))
-    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(directory, "model.pt"))),
-                       map_location=map_location, weights_only=True)
-    model.load_state_dict(state)
-    return model
+    """The classifier saved in `directory` (also by versions that wrote no "kind")."""
+    return load_model(directory, map_location, kind="classifier")

@@ -55,3 +55,30 @@ def crf_mask(image: np.ndarray, cams: np.ndarray, classes: Sequence[int], cfg: C
         return np.full(image.shape[:2], labels[0], np.uint8)
     q = dense_crf(image, softmax(scores.astype(np.float32), cfg.score_temperature), cfg)
     return labels[q.argmax(0)]
+
+
+def crf_from_labels(image: np.ndarray, labels: np.ndarray, n_labels: int, cfg: CrfConfig,
+                    gt_prob: float = 0.7) -> np.ndarray:
+    """Dense CRF whose unary comes from a hard label map (IRN's `crf_inference_label`).
+
+    image (H, W, 3) uint8 RGB, labels (H, W) ints in 0..n_labels-1 -> refined labels
+    (H, W) int64 in 0..n_labels-1. Each pixel's unary puts probability `gt_prob` on its
+    label and spreads the rest evenly (pydensecrf's `unary_from_labels`, no unsure label),
+    so the CRF can move boundaries to image edges but not invent labels from scores.
+    """
+    import pydensecrf.densecrf as dcrf
+    from pydensecrf.utils import unary_from_labels
+
+    h, w = labels.shape
+    if n_labels < 2:
+        return np.zeros((h, w), np.int64)
+    d = dcrf.DenseCRF2D(w, h, n_labels)
+    unary = unary_from_labels(np.ascontiguousarray(labels, dtype=np.int64), n_labels,
+                              gt_prob=gt_prob, zero_unsure=False)
+    d.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
+    d.addPairwiseGaussian(sxy=cfg.gaussian_sxy, compat=cfg.gaussian_compat)
+    d.addPairwiseBilateral(sxy=cfg.bilateral_sxy, srgb=cfg.bilateral_srgb,
+                           rgbim=np.array(image, dtype=np.uint8, order="C", copy=True),
+                           compat=cfg.bilateral_compat)
+    q = np.asarray(d.inference(cfg.iterations), np.float32).reshape(n_labels, h, w)
+    return q.argmax(0)

@@ -11,7 +11,6 @@ import numpy as np
 from ..config import CrfConfig, SeedConfig
 from ..data.codecs import decode_array, decode_image, encode_mask
 from ..data.dataset import label_matrix, open_dataset, vector_to_labels
-from ..run import Run
 from ..runtime import write_parquet
 from .crf import crf_mask
 from .seeds import seed_mask
@@ -35,16 +34,16 @@ def refine_batch(batch: dict, seeds: SeedConfig, crf: CrfConfig, background: boo
             "seed": np.array(seeds_out, dtype=object), "pseudo_mask": np.array(pseudo, dtype=object)}
 
 
-def run(config, run: Run) -> dict:
-    info = run.dataset_info()
+def run(config, ctx) -> dict:
+    info = ctx.dataset_info()
     # Ray Data's Parquet reader merges small files into few blocks: cut them back to
     # batches so that every CPU of the cluster gets CRF work.
-    ds = open_dataset(run.path("cams"), ["image_id", "split", "image", "mask", "label_vector",
+    ds = open_dataset(ctx.input("cams"), ["image_id", "split", "image", "mask", "label_vector",
                                          "cam"], rows_per_block=config.crf.batch_size)
     ds = ds.map_batches(refine_batch, fn_kwargs={"seeds": config.seeds, "crf": config.crf,
                                                  "background": info.background},
                         batch_size=config.crf.batch_size, batch_format="numpy",
                         num_cpus=config.crf.cpus_per_task)
-    with run.output("crf") as out:
+    with ctx.output() as out:
         write_parquet(ds, out, config.ray)
     return {}

@@ -21,12 +21,18 @@ def test_explain_table_and_cam_seed_miou_match_the_pipeline(tiny_run, copy_run):
                     "average_drop_of_others", "average_retention_of_others"):
             assert 0 <= r[key] <= 100
         assert r["pairs"] > 0 and r["images_per_second"] > 0
+        for key in ("road_morf", "road_lerf", "deletion_auc", "insertion_auc",
+                    "box_accuracy"):
+            assert 0 <= r[key] <= 100, key
+        assert r["box_pairs"] > 0 and len(r["deletion_curve"]) == 11
     # the same maps (method, TTA, labels) as the CAM stage, evaluated another way
     evaluated = tiny_run.read_metrics()["evaluate"]["cams"]["best"]["miou"]
     assert rows["cam"]["seed_miou"] == pytest.approx(100 * evaluated, abs=0.05)
     with open(run.path("explain", "comparison.csv")) as fh:
         table = list(csv.DictReader(fh))
     assert [t["method"] for t in table] == ["cam", "minmax", "gradcam"]
+    assert {"road_morf", "road_lerf", "road_combined", "deletion_auc", "insertion_auc",
+            "box_accuracy"} <= set(table[0])
     assert run.read_metrics()["explain"]["rows"][0]["method"] == "cam"
 
 

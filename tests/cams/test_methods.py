@@ -15,7 +15,8 @@ K, C = 4, 6
 
 
 class ConvBackbone(nn.Module):
-    """A small random conv net at stride 4 (not a trained model: the maths is the point)."""
+    """A small random conv net at stride 4 (not a trained model: the maths is the point),
+    with two stages (strides 2 and 4) for the fused LayerCAM."""
     out_channels = C
 
     def __init__(self):
@@ -23,8 +24,12 @@ class ConvBackbone(nn.Module):
         self.c1 = nn.Conv2d(3, 8, 3, 2, 1)
         self.c2 = nn.Conv2d(8, C, 3, 2, 1)
 
+    def forward_stages(self, x):
+        s1 = F.relu(self.c1(x))
+        return [s1, F.relu(self.c2(s1))]
+
     def forward(self, x):
-        return F.relu(self.c2(F.relu(self.c1(x))))
+        return self.forward_stages(x)[-1]
 
 
 class SoftplusHead(Classifier):
@@ -72,12 +77,136 @@ def ref_grad(model, x, target_fn, head_only=False):
     return feats.detach()[0], feats.grad[0]
 
 
+def first_component_reference(P):
+    """Eigen-CAM's projection computed another way: the top eigenvector of the channel
+    covariance (eigh), same orientation rule (entries summing to >= 0). P (C, h, w)."""
+    X = P.reshape(P.shape[0], -1).t()
+    X = X - X.mean(0)
+    _, vecs = torch.linalg.eigh(X.t() @ X)
+    v = vecs[:, -1]
+    if v.sum() < 0:
+        v = -v
+    return (X @ v).reshape(P.shape[1:])
+
+
+def fullgrad_reference_map(model, x, u):
+    """FullGrad of class u for one image x (3, H, W): hooks keep every biased layer's
+    output, one backward through the whole model, then loops over layers."""
+    outs = []
+    handles = []
+
+    def keep(bias):
+        def hook(module, args, out):
+            out.retain_grad()
+            outs.append((out, bias.detach()))
+        return hook
+
+    for m in model.modules():
+        bias = None
+        if isinstance(m, nn.BatchNorm2d):
+            bias = m.bias - m.running_mean * m.weight / torch.sqrt(m.running_var + m.eps)
+        elif isinstance(m, nn.Conv2d) and m.bias is not None:
+            bias = m.bias
+        if bias is not None:
+            handles.append(m.register_forward_hook(keep(bias)))
+    z = ((x[None] - model.mean) / model.std).detach().requires_grad_(True)
+    s = model.logits_from_features(model.backbone(z))[0, u]
+    for h in handles:
+        h.remove()
+    s.backward()
+    H, W = x.shape[1:]
+
+    def psi(t):  # (C, h, w) -> (H, W)
+        a = t.abs()
+        a = a - a.min()
+        a = a / (a.max() + 1e-6)
+        m = a.sum(0)[None, None]
+        return F.interpolate(m, size=(H, W), mode="bilinear", align_corners=False)[0, 0] \
+            if m.shape[-2:] != (H, W) else m[0, 0]
+
+    total = psi(z.grad[0] * z[0].detach())
+    for o, bias in outs:
+        total = total + psi(o.grad[0] * bias[:, None, None])
+    return total
+
+
+def layercam_fused_reference_map(model, x, u, gamma):
+    z = ((x[None] - model.mean) / model.std).detach().requires_grad_(True)
+    stages = model.backbone.forward_stages(z)
+    for a in stages:
+        a.retain_grad()
+    model.logits_from_features(stages[-1])[0, u].backward()
+    size = stages[0].shape[2:]
+    fused = None
+    for a in stages:
+        m = torch.zeros(a.shape[2:], dtype=a.dtype)
+        for k in range(a.shape[1]):
+            m += F.relu(a.grad[0, k]) * a[0, k].detach()
+        m = F.relu(m)
+        if m.max() > 0:
+            m = m / m.max()
+        m = torch.tanh(gamma * m)
+        m = F.interpolate(m[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+        fused = m if fused is None else torch.maximum(fused, m)
+    return fused
+
+
+def input_gradient_map(model, x, u):
+    x = x[None].clone().requires_grad_(True)
+    model(x)[0, u].backward()
+    return x.grad[0].abs().amax(0)
+
+
+def smoothgrad_reference_map(model, x, u, opts):
+    gen = torch.Generator().manual_seed(opts.seed)
+    sigma = opts.smoothgrad_noise * (x.max() - x.min())
+    total = torch.zeros(x.shape[1:], dtype=x.dtype)
+    for _ in range(opts.smoothgrad_samples):
+        noise = torch.randn((1, *x.shape), generator=gen, dtype=x.dtype)[0]
+        total += input_gradient_map(model, x + sigma * noise, u)
+    return total / opts.smoothgrad_samples
+
+
+INPUT_RESOLUTION = ("gradient", "smoothgrad", "fullgrad")
+
+
 def reference(method, model, x, classes, opts=MethodOptions(), head_only=False):
-    out = torch.zeros(x.shape[0], classes.shape[1], *model.features(x[:1]).shape[2:],
-                      dtype=x.dtype)
+    if method in INPUT_RESOLUTION:
+        size = x.shape[2:]
+    elif method == "layercam-fused":
+        size = model.backbone.forward_stages((x[:1] - model.mean) / model.std)[0].shape[2:]
+    else:
+        size = model.features(x[:1]).shape[2:]
+    out = torch.zeros(x.shape[0], classes.shape[1], *size, dtype=x.dtype)
     for b in range(x.shape[0]):
         D = [int(c) for c in torch.nonzero(classes[b]).flatten()]
         for u in D:
+            if method == "gradient":
+                out[b, u] = input_gradient_map(model, x[b], u)
+                continue
+            if method == "smoothgrad":
+                out[b, u] = smoothgrad_reference_map(model, x[b], u, opts)
+                continue
+            if method == "fullgrad":
+                out[b, u] = fullgrad_reference_map(model, x[b], u)
+                continue
+            if method == "layercam-fused":
+                out[b, u] = layercam_fused_reference_map(model, x[b], u, opts.layercam_gamma)
+                continue
+            if method in ("hirescam", "xgradcam", "layercam", "eigengradcam"):
+                A, g = ref_grad(model, x[b], lambda s, u=u: s[u], head_only)
+                m = torch.zeros(A.shape[1:], dtype=A.dtype)
+                if method == "eigengradcam":
+                    m = first_component_reference(g * A)
+                for k in range(A.shape[0]):
+                    if method == "hirescam":
+                        m += g[k] * A[k]
+                    elif method == "layercam":
+                        m += F.relu(g[k]) * A[k]
+                    elif method == "xgradcam" and A[k].sum() != 0:
+                        m += (A[k] * g[k]).sum() / A[k].sum() * A[k]
+                out[b, u] = F.relu(m)
+                continue
             if method in ("gradcam", "gradcampp", "minmax-gradcam"):
                 if method == "minmax-gradcam":
                     def target(s, u=u):
@@ -121,6 +250,17 @@ def reference(method, model, x, classes, opts=MethodOptions(), head_only=False):
                     masked = model.mean[0] + (x[b] - model.mean[0]) * m
                     scores.append(model(masked[None])[0, u])
                 w = torch.softmax(torch.stack(scores), 0)
+            elif method == "eigencam":
+                out[b, u] = F.relu(first_component_reference(A))
+                continue
+            elif method == "ablationcam":
+                # one channel per pass: the head on the features with A_k zeroed
+                s0 = model.logits_from_features(A[None])[0, u]
+                w = torch.zeros(A.shape[0], dtype=A.dtype)
+                for k in range(A.shape[0]):
+                    ablated = A.clone()
+                    ablated[k] = 0
+                    w[k] = (s0 - model.logits_from_features(ablated[None])[0, u]) / s0
             out[b, u] = F.relu(torch.einsum("chw,c->hw", A, w))
     return out
 
@@ -131,7 +271,8 @@ def test_method_equals_the_per_image_per_class_reference(name, cls):
     model = make(cls)
     x, classes = batch()
     opts = MethodOptions(lambda_pos=1.3, lambda_neg=0.7, lambda_bg=0.9, scorecam_batch=4,
-                         grad_chunk=2)
+                         grad_chunk=2, ablation_batch=5, smoothgrad_samples=3, seed=7,
+                         layercam_gamma=1.5)
     with torch.no_grad():
         maps, logits = METHODS[name](model, x, classes, opts)
         close(logits, model(x))
@@ -161,6 +302,60 @@ def test_cam_equals_gradcam_up_to_normalisation_for_gap_linear():
     h, w = cam.shape[-2:]
     close(grad * h * w, cam)  # dS/dA = W / (h w) for GAP + linear
     close(_normalised(grad[classes > 0]), _normalised(cam[classes > 0]))
+
+
+def test_hirescam_equals_gradcam_for_gap_linear():
+    """ds/dA = W / (h w) everywhere: the element-wise product sums to Grad-CAM's map."""
+    model = make()
+    x, classes = batch()
+    close(METHODS["hirescam"](model, x, classes)[0], METHODS["gradcam"](model, x, classes)[0])
+
+
+def test_layercam_at_the_last_stage_of_gap_linear_is_cam_of_the_positive_weights():
+    """ReLU(ds/dA) = ReLU(W) / (h w): LayerCAM is CAM with the negative weights dropped,
+    so CAM itself (up to normalisation) when the head's weights are >= 0."""
+    model = make()
+    x, classes = batch()
+    layer, _ = METHODS["layercam"](model, x, classes)
+    h, w = layer.shape[-2:]
+    feats = model.features(x)
+    expected = F.relu(torch.einsum("bchw,kc->bkhw", feats, F.relu(model.head_weight())))
+    close(layer * h * w, expected * classes[:, :, None, None])
+    with torch.no_grad():
+        model.classifier.weight.abs_()
+    layer, _ = METHODS["layercam"](model, x, classes)
+    cam, _ = METHODS["cam"](model, x, classes)
+    close(_normalised(layer[classes > 0]), _normalised(cam[classes > 0]))
+
+
+@pytest.mark.parametrize("cls", [Classifier, SoftplusHead], ids=["gap-linear", "softplus-head"])
+def test_eigencam_is_the_same_map_for_every_class(cls):
+    model = make(cls)
+    x, classes = batch()
+    maps, _ = METHODS["eigencam"](model, x, classes)
+    for b in range(x.shape[0]):
+        wanted = torch.nonzero(classes[b]).flatten()
+        for u in wanted[1:]:
+            close(maps[b, u], maps[b, wanted[0]])
+    assert maps.amax() > 0
+    # ... and does not depend on the head at all
+    other = make(cls, seed=3)
+    other.backbone.load_state_dict(model.backbone.state_dict())
+    close(METHODS["eigencam"](other, x, classes)[0], maps)
+
+
+def test_ablationcam_drops_are_the_closed_form_for_gap_linear_in_any_batching():
+    """s_c - s_c(A_k = 0) = W_ck mean(A_k) for GAP + linear; the batched ablation gives the
+    same maps however many copies go through the head at once."""
+    model = make()
+    x, classes = batch()
+    feats = model.features(x)
+    logits = model(x)
+    alpha = model.head_weight()[None] * feats.mean((2, 3))[:, None, :] / logits[:, :, None]
+    expected = F.relu(torch.einsum("bchw,bkc->bkhw", feats, alpha)) * classes[:, :, None, None]
+    for n in (1, 7, 10_000):
+        close(METHODS["ablationcam"](model, x, classes, MethodOptions(ablation_batch=n))[0],
+              expected)
 
 
 def test_single_class_minmax_and_d_minmax_reduce_to_cam():

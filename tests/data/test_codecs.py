@@ -94,3 +94,41 @@ def test_large_image_decodes_reduced_within_max_side():
     data = encode_image(big, ".jpg", 80)
     out = decode_image(data, "big.jpg", max_side=500)
     assert max(out.shape[:2]) == 500 and out.shape[:2] == (375, 500)
+
+
+def _exif_jpeg(img, orientation):
+    ex = Image.Exif()
+    ex[0x0112] = orientation
+    out = io.BytesIO()
+    Image.fromarray(img).save(out, "JPEG", exif=ex.tobytes(), quality=95)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_apply_orientation_shows_what_opencv_displays(orientation):
+    from ray_wsss.data.codecs import apply_orientation, image_header
+
+    img = np.random.default_rng(orientation).integers(0, 255, (24, 40, 3), np.uint8)
+    data = _exif_jpeg(img, orientation)
+    stored = decode_image(data)
+    assert stored.shape == (24, 40, 3)  # stored pixels, the tag is not applied
+    assert image_header(data) == (24, 40, "JPEG", orientation)
+    shown = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR),
+                         cv2.COLOR_BGR2RGB)  # OpenCV applies the tag here
+    assert np.array_equal(apply_orientation(stored, orientation), shown)
+
+
+def test_the_reduced_decode_keeps_the_stored_orientation_too():
+    # a rotated photo used to come back rotated from the reduced (max_side) decode only
+    img = np.random.default_rng(0).integers(0, 255, (240, 400, 3), np.uint8)
+    data = _exif_jpeg(img, 6)
+    assert decode_image(data).shape == (240, 400, 3)
+    assert decode_image(data, max_side=100).shape == (60, 100, 3)
+
+
+def test_a_jpeg_without_its_end_marker_is_refused_whatever_the_opencv_build():
+    data = encode_image(np.full((64, 64, 3), 100, np.uint8), ".jpg")
+    assert decode_image(data).shape == (64, 64, 3)
+    with pytest.raises(DataError, match=r"cut\.jpg: cannot decode image \(truncated JPEG"):
+        decode_image(data[:-2], "cut.jpg")
+    assert decode_image(data + b"trailing bytes after the end marker").shape == (64, 64, 3)

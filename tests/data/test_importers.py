@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -301,3 +302,71 @@ def test_a_re_import_into_the_same_folder_makes_runs_that_read_it_stale(tmp_path
     again = {s: Run(cfg).current_hash(s) for s in first}
     assert all(again[s] != first[s] for s in first)
     assert len(json.loads((tmp_path / "ds" / "classes.json").read_text())["dataset_id"]) == 32
+
+
+# ---------------------------------------------------------------- hostile names and lists
+
+def _coco_with_file_name(tmp_path, file_name):
+    img_dir = tmp_path / "images"
+    img_dir.mkdir()
+    (img_dir / "a.jpg").write_bytes(encode_image(np.zeros((40, 60, 3), np.uint8), ".jpg"))
+    # a readable image outside the images folder: the import must not reach it
+    (tmp_path / "outside.jpg").write_bytes(encode_image(np.zeros((40, 60, 3), np.uint8),
+                                                        ".jpg"))
+    coco = {"images": [{"id": 1, "file_name": "a.jpg", "height": 40, "width": 60},
+                       {"id": 2, "file_name": file_name, "height": 40, "width": 60}],
+            "categories": [{"id": 1, "name": "person"}],
+            "annotations": [{"id": k, "image_id": k, "category_id": 1, "iscrowd": 0,
+                             "area": 100, "segmentation": [[1, 1, 20, 1, 20, 20, 1, 20]]}
+                            for k in (1, 2)]}
+    ann = tmp_path / "instances.json"
+    ann.write_text(json.dumps(coco))
+    return ann, img_dir
+
+
+@pytest.mark.parametrize("file_name", ["../outside.jpg", "sub/../../outside.jpg", "ABSOLUTE"])
+def test_a_coco_file_name_outside_the_images_folder_is_refused(tmp_path, file_name):
+    if file_name == "ABSOLUTE":
+        file_name = str(tmp_path / "outside.jpg")
+    ann, img_dir = _coco_with_file_name(tmp_path, file_name)
+    out = tmp_path / "ds"
+    with pytest.raises(DataError, match=rf"instances\.json: file_name '{re.escape(file_name)}' "
+                                        r"points outside the images folder"):
+        importers.import_coco([("val", str(ann), str(img_dir))], str(out))
+    assert not out.exists()
+
+
+def test_a_coco_file_name_in_a_sub_folder_is_fine(tmp_path):
+    ann, img_dir = _coco_with_file_name(tmp_path, "sub/b.jpg")
+    (img_dir / "sub").mkdir()
+    (img_dir / "sub" / "b.jpg").write_bytes((img_dir / "a.jpg").read_bytes())
+    result = importers.import_coco([("val", str(ann), str(img_dir))], str(tmp_path / "ds"))
+    assert result.counts == {"val": 2} and "sub/b" in _rows(str(tmp_path / "ds"))
+
+
+def test_class_names_that_differ_only_in_case_are_refused(tmp_path):
+    img_dir = _folder(tmp_path, n=2)
+    labels = _csv(tmp_path / "l.csv", [("im0.png", "Car"), ("im1.png", "car")])
+    _expect_error(tmp_path, r"l\.csv: class names 'Car' and 'car' differ only in case",
+                  subsets=[("train", str(img_dir), None)], labels_csv=labels)
+    labels = _csv(tmp_path / "l2.csv", [("im0.png", "1"), ("im1.png", "2")])
+    _expect_error(tmp_path, r"class names 'A' and 'a' differ only in case",
+                  subsets=[("train", str(img_dir), None)], labels_csv=labels,
+                  classes="A,a")
+    (tmp_path / "c").mkdir()
+    ann, images = _coco_with_file_name(tmp_path / "c", "a.jpg")
+    coco = json.loads(ann.read_text())
+    coco["images"] = coco["images"][:1]
+    coco["categories"] = [{"id": 1, "name": "Dog"}, {"id": 2, "name": "dog"}]
+    ann.write_text(json.dumps(coco))
+    with pytest.raises(DataError, match=r"instances\.json: class names 'Dog' and 'dog' differ"):
+        importers.import_coco([("val", str(ann), str(images))], str(tmp_path / "cds"))
+
+
+def test_a_header_only_labels_csv_says_it_has_no_rows(tmp_path):
+    img_dir = _folder(tmp_path, n=1)
+    labels = _csv(tmp_path / "l.csv", [])
+    _expect_error(tmp_path, r"l\.csv: labels CSV has no rows",
+                  subsets=[("train", str(img_dir), None)], labels_csv=labels)
+    _expect_error(tmp_path, r"l\.csv: labels CSV has no rows",
+                  subsets=[("train", str(img_dir), None)], labels_csv=labels, classes="a,b")

@@ -1,0 +1,117 @@
+"""`ray-wsss export`: a finished run's masks as PNG files, or its segmentation model.
+
+Masks are written the way other segmentation toolkits read them (VOC's
+SegmentationClass layout): `<out>/<image_id>.png`, one palette PNG per image (VOC colour
+map; pixel values 0 = background, 1..K the classes, 255 = ignore), plus
+`<out>/<split>.txt` listing the ids of each split (ImageSets style) and
+`<out>/classes.json` naming the values. The PNG bytes are the stored ones, so the files
+hold exactly what the run evaluated. The model is `model.pt` + `model.json` (load it
+with `ray_wsss.models.registry.load_model`).
+
+The files are read from the run's Parquet outputs a record batch at a time (memory
+bounded by a batch), written into a temporary folder and renamed into place when done.
+"""
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+
+from . import storage
+from .errors import StageError
+
+# what -> (stage, column)
+SOURCES = {"pseudo-masks": ("crf", "pseudo_mask"), "seeds": ("crf", "seed"),
+           "predictions": ("predict", "prediction"),
+           "predictions-crf": ("predict", "prediction_crf"),
+           "model": ("segmenter", None)}
+
+
+def _last_round(manifest: dict, stage: str) -> int:
+    rounds = [int(k.partition("@")[2] or 1) for k, v in manifest.get("stages", {}).items()
+              if k.partition("@")[0] == stage and v.get("status") == "done"]
+    if not rounds:
+        raise StageError(f"export: no finished {stage} step in this run directory")
+    return max(rounds)
+
+
+def safe_name(image_id: str) -> str:
+    """A file name for an image id (ids come from file names; tiles add `@r0c1`)."""
+    bad = [c for c in ("/", "\\", "\0") if c in image_id]
+    if bad or image_id in ("", ".", ".."):
+        raise StageError(f"export: image_id {image_id!r} cannot be a file name")
+    return image_id
+
+
+def export(run_dir: str, what: str, out: str, splits=None, round: int | None = None,
+           overwrite: bool = False) -> dict:
+    """Write `what` of the run in `run_dir` into the new folder `out`."""
+    from .config import PipelineConfig, from_dict
+    from .graph import Step
+    from .run import Run
+
+    if what not in SOURCES:
+        raise StageError(f"export: --what must be one of {', '.join(SOURCES)}")
+    root = storage.resolve(run_dir)
+    manifest_path = storage.join(root, "manifest.json")
+    if not storage.exists(manifest_path):
+        raise StageError(f"export: {root} is not a run directory (no manifest.json)")
+    manifest = storage.read_json(manifest_path)
+    run = Run(from_dict(PipelineConfig, manifest["config"]), root)
+    stage, column = SOURCES[what]
+    step = Step(stage, round or _last_round(manifest, stage))
+    if not run.is_done(step):
+        raise StageError(f"export: step {step.key} is not finished in {root}")
+    out = storage.resolve(out)
+    if storage.exists(out):
+        if not overwrite:
+            raise StageError(f"export: {out} exists (pass --overwrite to replace it)")
+    tmp = storage.temp_sibling(out)
+    storage.makedirs(tmp)
+    try:
+        if column is None:
+            files = _export_model(run.step_path(step), tmp)
+        else:
+            files = _export_masks(run, run.step_path(step), column, tmp, splits)
+    except BaseException:
+        storage.remove(tmp)
+        raise
+    storage.publish(tmp, out)
+    return {"files": files, "path": out, "step": step.key}
+
+
+def _export_model(model_dir: str, out: str) -> int:
+    for name in ("model.pt", "model.json"):
+        storage.write_bytes_atomic(storage.join(out, name),
+                                   storage.read_bytes(storage.join(model_dir, name)))
+    return 2
+
+
+def _export_masks(run, folder: str, column: str, out: str, splits) -> int:
+    from .data.dataset import check_columns, parquet_files
+
+    check_columns(folder, ("image_id", "split", column))
+    ids_by_split: dict[str, list[str]] = {}
+    files = 0
+    for f in parquet_files(folder):
+        fs, p = storage.filesystem(f)
+        for batch in pq.ParquetFile(p, filesystem=fs).iter_batches(
+                batch_size=64, columns=["image_id", "split", column]):
+            for image_id, split, data in zip(*(batch.column(i).to_pylist() for i in range(3))):
+                if splits is not None and split not in splits:
+                    continue
+                if data is None:
+                    continue
+                storage.write_bytes_atomic(storage.join(out, safe_name(image_id) + ".png"),
+                                           data)
+                ids_by_split.setdefault(split, []).append(image_id)
+                files += 1
+    if not files:
+        raise StageError(f"export: no {column} in {folder}"
+                         + (f" for split(s) {', '.join(splits)}" if splits else ""))
+    for split, ids in ids_by_split.items():
+        storage.write_bytes_atomic(storage.join(out, f"{split}.txt"),
+                                   ("\n".join(sorted(ids)) + "\n").encode())
+    info = run.dataset_info()
+    storage.write_json_atomic(storage.join(out, "classes.json"),
+                              {"values": {str(i): n for i, n in enumerate(info.label_names)},
+                               "ignore": 255, "background": info.background})
+    return files

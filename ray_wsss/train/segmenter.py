@@ -1,0 +1,269 @@
+"""Stage `segmenter`: fit DeepLabV3+ on the pseudo masks with Ray Train (DDP).
+
+The last step of every reference pipeline (IRN, Puzzle-CAM, P-NOC, MCIS): a
+segmentation network learns from the pseudo masks of the train split and then labels
+any photo, tags or not. Ray Data joins each train image with its pseudo mask (the CRF
+masks or the seeds, `segmenter.masks`; pixels in `segmenter.unsure_band` ignored),
+decodes and augments both together on CPU workers (random rescale 0.5-2.0, crop, flip,
+colour jitter), and streams shards to the workers; cross-entropy with ignore 255, SGD
+with poly decay, backbone at the base rate and ASPP + decoder at 10x (DeepLab). Every
+epoch ends with a checkpoint and, on rank 0, the val mIoU against ground truth (images
+letterboxed to the crop size: a quick figure; the `predict` step scores full images).
+
+The finished model is exported as `segmenter/model.pt` + `model.json` (kind
+"segmenter", loadable with `models.registry.load_model`).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import storage
+from ..config import ModelConfig, SegmenterConfig
+from ..data.dataset import dataset_counts, open_dataset, read_info
+from ..data.join import with_columns
+from ..data.transforms import SegEvalTransform, SegTrainTransform
+from ..errors import ConfigError, StageError
+from .fit import (build_trainer, fit_name, lr_at, make_optimizer, remove_earlier_fits,
+                  report_epoch, restore_checkpoint, run_fit, set_lr)
+
+MASK_COLUMNS = {"crf": "pseudo_mask", "seeds": "seed"}
+
+
+def segmenter_model_config(config) -> ModelConfig:
+    """The segmenter's backbone: `segmenter.backbone` / `pretrained`, else the
+    classifier's."""
+    seg = config.segmenter
+    return ModelConfig(backbone=seg.backbone or config.model.backbone,
+                       output_stride=seg.output_stride,
+                       pretrained=seg.pretrained if seg.pretrained is not None
+                       else config.model.pretrained)
+
+
+def init_source(config) -> str:
+    """`segmenter.init`: `auto` is ImageNet weights where configured, else the
+    classifier's backbone (trained on this data: far better than random for a
+    from-scratch backbone)."""
+    init = config.segmenter.init
+    if init != "auto":
+        return init
+    return "pretrained" if segmenter_model_config(config).pretrained else "classifier"
+
+
+@dataclass(frozen=True)
+class SegLoopConfig:
+    """What the workers need (frozen dataclasses pickle to Ray Train's workers)."""
+    segmenter: SegmenterConfig
+    model: ModelConfig
+    num_labels: int
+    num_train: int
+    has_val: bool
+    background: bool
+    init: str                    # pretrained | classifier | scratch
+    classifier_dir: str | None   # the classifier whose backbone starts the fit
+
+
+def build_model(lc: SegLoopConfig):
+    from ..models.deeplab import build_segmenter
+
+    model = build_segmenter(lc.model, lc.num_labels, pretrained=lc.init == "pretrained",
+                            aspp_channels=lc.segmenter.aspp_channels,
+                            decoder_channels=lc.segmenter.decoder_channels)
+    if lc.init == "classifier" and lc.classifier_dir:
+        load_classifier_backbone(model, lc.classifier_dir, lc.model.backbone)
+    return model
+
+
+def load_classifier_backbone(model, classifier_dir: str, backbone: str) -> None:
+    """Start the segmenter's backbone from the classifier's (same backbone kind; the
+    output stride may differ: dilation does not change parameter shapes)."""
+    from ..models.registry import load_model, read_spec
+
+    spec = read_spec(classifier_dir)
+    if spec.get("backbone") != backbone:
+        raise ConfigError(f"segmenter.init: classifier: the classifier's backbone "
+                          f"{spec.get('backbone')!r} differs from the segmenter's "
+                          f"{backbone!r}; set segmenter.init: pretrained or scratch, or "
+                          "the same backbone")
+    state = load_model(classifier_dir).backbone.state_dict()
+    own = model.backbone.state_dict()
+    for k, v in state.items():
+        if k in own and own[k].shape != v.shape:
+            # an extra input channel (the loop's prior) on one side only: copy RGB
+            fixed = own[k].clone()
+            fixed[:, : v.shape[1]] = v[:, : fixed.shape[1]]
+            state[k] = fixed
+    model.backbone.load_state_dict(state)
+
+
+def segmentation_loss(logits, target):
+    """Cross-entropy over labels with ignore 255: logits (B, L, H, W), target (B, H, W)."""
+    import torch.nn.functional as F
+
+    return F.cross_entropy(logits, target.long(), ignore_index=255)
+
+
+def _train_epoch(model, ddp, opt, batches, cfg: SegmenterConfig, schedule) -> dict:
+    total, warmup, step = schedule["total"], schedule["warmup"], schedule["first_step"]
+    ddp.train()
+    t0, waited, losses = time.time(), 0.0, []
+    while True:
+        t_wait = time.time()
+        batch = next(batches, None)
+        waited += time.time() - t_wait
+        if batch is None:
+            break
+        set_lr(opt, lr_at(step, total, cfg.lr, warmup))
+        logits = ddp(batch["image"].permute(0, 3, 1, 2).float())
+        loss = segmentation_loss(logits, batch["mask"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        step += 1
+    return {"loss": float(np.mean(losses)) if losses else math.nan,
+            "lr": lr_at(step, total, cfg.lr, warmup), "steps": len(losses),
+            "epoch_seconds": round(time.time() - t0, 2), "data_wait_seconds": round(waited, 2)}
+
+
+def _validate(model, shard, batch_size: int, device, num_labels: int, background: bool
+              ) -> dict:
+    import torch
+
+    from ..evaluate import ConfusionMatrix
+
+    model.eval()
+    conf = ConfusionMatrix(num_labels)
+    with torch.no_grad():
+        for batch in shard.iter_torch_batches(batch_size=batch_size, device=device,
+                                              dtypes={"image": torch.uint8,
+                                                      "mask": torch.uint8}):
+            pred = model(batch["image"].permute(0, 3, 1, 2).float()).argmax(1)
+            conf.update(batch["mask"].cpu().numpy(), pred.cpu().numpy().astype(np.uint8))
+    m = conf.metrics(exclude=() if background else (0,))
+    return {"val_miou": 100 * m["miou"], "val_pixel_accuracy": 100 * m["pixel_accuracy"]}
+
+
+def train_loop(lc: SegLoopConfig) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    cfg = lc.segmenter
+    torch.set_num_threads(max(1, cfg.torch_threads or cfg.cpus_per_worker))
+    torch.manual_seed(cfg.seed)
+    ctx = ray.train.get_context()
+    world, rank = ctx.get_world_size(), ctx.get_world_rank()
+    device = ray.train.torch.get_device()
+    model = build_model(lc)
+    opt = make_optimizer([{"params": list(model.backbone_parameters()), "lr_scale": 1.0},
+                          {"params": list(model.head_parameters()),
+                           "lr_scale": cfg.head_lr_multiplier}], cfg)
+    start, history, restarts = 0, [], 0
+    state = restore_checkpoint()
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start, history = state["epoch"] + 1, state["history"]
+        restarts = state.get("restarts", 0) + 1
+        print(f"[segmenter] resuming from the checkpoint of epoch {start} "
+              f"(restart {restarts})")
+    ddp = ray.train.torch.prepare_model(model)
+    model = model.to(device)
+    per_worker = max(1, cfg.batch_size // world)
+    steps_per_epoch = max(1, lc.num_train // (per_worker * world))
+    schedule = {"total": steps_per_epoch * cfg.epochs,
+                "warmup": int(cfg.warmup_epochs * steps_per_epoch)}
+    shard = ray.train.get_dataset_shard("train")
+    for epoch in range(start, cfg.epochs):
+        batches = iter(shard.iter_torch_batches(
+            batch_size=per_worker, drop_last=True, local_shuffle_buffer_size=4 * per_worker,
+            dtypes={"image": torch.uint8, "mask": torch.uint8, "label_vector": torch.float32},
+            device=device))
+        metrics = {"epoch": epoch + 1, **_train_epoch(
+            model, ddp, opt, batches, cfg, {**schedule, "first_step": epoch * steps_per_epoch}),
+            "restarts": restarts, "workers": world}
+        if rank == 0 and lc.has_val:
+            metrics.update(_validate(model, ray.train.get_dataset_shard("val"), per_worker,
+                                     device, lc.num_labels, lc.background))
+        history.append(metrics)
+        report_epoch(metrics, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                               "epoch": epoch, "history": history, "restarts": restarts})
+
+
+def training_rows(config, dataset_path: str, masks_dir: str, cams_dir: str | None):
+    """The train split's images joined with their pseudo masks (and CAMs for the unsure
+    band), materialised: the join's lookup actor must not share the CPUs with the
+    training workers (a Train `datasets=` pipeline holding an actor pool can starve
+    itself on a small machine)."""
+    cfg = config.segmenter
+    column = MASK_COLUMNS[cfg.masks]
+    ds = open_dataset(dataset_path, ["image_id", "image", "label_vector"], [cfg.train_split],
+                      rows_per_block=32)
+    ds = with_columns(ds, masks_dir, [column])
+    if cfg.unsure_band is not None:
+        ds = with_columns(ds, cams_dir, ["cam"])
+    return ds.materialize()
+
+
+def make_trainer(config, dataset_path: str, masks_dir: str, cams_dir: str | None,
+                 classifier_dir: str | None, name: str, storage_path: str, callbacks=None):
+    """The TorchTrainer of the segmenter fit. `name` + `storage_path` identify the Ray
+    Train run: the same pair again resumes it."""
+    from ..models.deeplab import build_segmenter
+
+    cfg: SegmenterConfig = config.segmenter
+    info = read_info(dataset_path)
+    counts = dataset_counts(dataset_path)
+    num_train = counts.get(cfg.train_split, 0)
+    if num_train < cfg.batch_size:
+        raise StageError(f"segmenter: split {cfg.train_split!r} has {num_train} images, "
+                         f"fewer than one batch ({cfg.batch_size})")
+    model_cfg = segmenter_model_config(config)
+    init = init_source(config)
+    build_segmenter(model_cfg, info.num_classes + 1, pretrained=init == "pretrained")
+    has_val = bool(cfg.val_split) and counts.get(cfg.val_split, 0) > 0
+    datasets = {"train": training_rows(config, dataset_path, masks_dir, cams_dir).map_batches(
+        SegTrainTransform(cfg.crop_size, cfg.scale_range, cfg.hflip, cfg.color_jitter,
+                          MASK_COLUMNS[cfg.masks], cfg.unsure_band),
+        batch_format="numpy", batch_size=16)}
+    if has_val:
+        val = open_dataset(dataset_path, ["image", "mask"], [cfg.val_split], require=("mask",))
+        datasets["val"] = val.map_batches(SegEvalTransform(cfg.crop_size),
+                                          batch_format="numpy", batch_size=16)
+    lc = SegLoopConfig(segmenter=cfg, model=model_cfg, num_labels=info.num_classes + 1,
+                       num_train=num_train, has_val=has_val, background=info.background,
+                       init=init, classifier_dir=classifier_dir)
+    return build_trainer(train_loop, lc, cfg, name, storage_path, datasets,
+                         callbacks=callbacks, where="segmenter",
+                         allow_cpu_fallback=config.ray.allow_cpu_fallback)
+
+
+def run(config, ctx) -> dict:
+    """Fit DeepLabV3+ and export it to `<step folder>/model.{pt,json}`."""
+    from ..models.deeplab import build_segmenter, save_segmenter
+
+    info = ctx.dataset_info()
+    name = fit_name(ctx)
+    train_root = storage.join(ctx.path, "ray_train")
+    classifier_dir = ctx.input("classifier") if init_source(config) == "classifier" else None
+    trainer = make_trainer(config, ctx.dataset_path, ctx.input("crf"), ctx.input("cams"),
+                           classifier_dir, name, train_root)
+    state = run_fit(trainer, "segmenter")
+    model_cfg = segmenter_model_config(config)
+    model = build_segmenter(model_cfg, info.num_classes + 1, pretrained=False,
+                            aspp_channels=config.segmenter.aspp_channels,
+                            decoder_channels=config.segmenter.decoder_channels)
+    model.load_state_dict(state["model"])
+    save_segmenter(model, model_cfg, ctx.path, info.classes,
+                   {"epochs": state["epoch"] + 1, "masks": config.segmenter.masks})
+    remove_earlier_fits(train_root, name)
+    storage.write_json_atomic(storage.join(ctx.path, "history.json"), state["history"])
+    last = state["history"][-1]
+    summary = {k: last[k] for k in ("loss", "val_miou", "epoch") if k in last}
+    ctx.write_metrics({**summary, "history": state["history"]})
+    return summary

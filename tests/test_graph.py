@@ -1,0 +1,144 @@
+"""The stage graph as data: one definition per stage, steps keyed by round, hashes that
+older run directories still match, outputs of nested steps published atomically."""
+import inspect
+import json
+import os
+import shutil
+
+import pytest
+
+from ray_wsss import graph
+from ray_wsss.config import load_config
+from ray_wsss.errors import StageError
+from ray_wsss.graph import STAGES, Step, steps
+from ray_wsss.run import Run, StepContext
+
+from .conftest import REPO
+
+# Stage hashes recorded by the first release (commit e562ac9, before the stage graph,
+# the segmentation model and the new config sections): a run directory made then must
+# still find its steps up to date.
+FIRST_RELEASE_HASHES = {
+    "configs/demo.yaml": {"dataset": "ca6c6138fe187303", "classifier": "44b3771852a295f1",
+                          "cams": "1606a472e0732655", "crf": "51042d4f086ee977",
+                          "evaluate": "6934ac75507ad23e"},
+    "configs/camvid.yaml": {"dataset": "f660a2b56d7f740c", "classifier": "4d309d08702b622b",
+                            "cams": "5eb6bd69809dabcd", "crf": "fdaafe3dc2f65d6b",
+                            "evaluate": "1d43b76ba01eae60"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(FIRST_RELEASE_HASHES))
+def test_round_one_hashes_equal_those_of_the_first_release(name, tmp_path):
+    overrides = ["data.path=/x"] if "camvid" in name else []
+    cfg = load_config(os.path.join(REPO, name), overrides + ["run_dir=/tmp/r"])
+    run = Run(cfg)
+    assert {s: run.current_hash(s) for s in FIRST_RELEASE_HASHES[name]} == \
+        FIRST_RELEASE_HASHES[name]
+
+
+def test_every_stage_is_one_entry_with_an_explicit_entry_function():
+    assert graph.STAGE_NAMES == ("dataset", "classifier", "cams", "crf", "evaluate",
+                                 "segmenter", "predict", "report")
+    for stage in STAGES.values():
+        assert list(inspect.signature(stage.entry).parameters)[:2] == ["config", "ctx"]
+        assert all(u in STAGES for u in stage.inputs)
+        # inputs come earlier in the order: the graph is acyclic as listed
+        assert all(graph.STAGE_NAMES.index(u) < graph.STAGE_NAMES.index(stage.name)
+                   for u in stage.inputs)
+    fields = graph.resource_fields()
+    assert "num_workers" in fields["classifier"] and "num_workers" in fields["segmenter"]
+    assert "batch_size" in fields["cams"] and "gpus_per_actor" in fields["predict"]
+
+
+def test_steps_are_keyed_by_round_and_later_rounds_live_under_rounds(tmp_path):
+    assert [s.key for s in steps(1)] == list(graph.STAGE_NAMES)
+    keys = [s.key for s in steps(3)]
+    assert keys[0] == "dataset" and keys[-1] == "report"
+    assert "segmenter@3" in keys and "cams@2" in keys and "dataset@2" not in keys
+    assert Step.parse("crf@2") == Step("crf", 2) and Step("crf", 2).key == "crf@2"
+    run = Run(load_config(os.path.join(REPO, "configs", "demo.yaml"),
+                          [f"run_dir={tmp_path}"]))
+    assert run.step_path("cams") == os.path.join(str(tmp_path), "cams")
+    assert run.step_path(Step("cams", 2)) == os.path.join(str(tmp_path), "rounds", "2", "cams")
+    assert run.step_path(Step("predict", 2)) == os.path.join(str(tmp_path), "rounds", "2",
+                                                             "predictions")
+    # round t's steps read round t's inputs; the dataset exists once
+    assert Step("crf", 2).input("cams") == Step("cams", 2)
+    assert Step("classifier", 2).input("dataset") == Step("dataset", 1)
+    # a later round's hash differs from round 1's only through its key's inputs: the
+    # number of rounds is in no hash
+    assert run.current_hash(Step("cams", 2)) == run.current_hash("cams")
+
+
+def test_a_stage_reads_only_its_declared_inputs(tmp_path):
+    run = Run(load_config(os.path.join(REPO, "configs", "demo.yaml"),
+                          [f"run_dir={tmp_path}"]))
+    ctx = StepContext(run, Step("crf", 2))
+    assert ctx.input("cams") == os.path.join(str(tmp_path), "rounds", "2", "cams")
+    with pytest.raises(StageError, match="does not declare input 'classifier'"):
+        ctx.input("classifier")
+
+
+def test_output_of_a_nested_step_cleans_its_own_leftovers_and_publishes(tmp_path):
+    run = Run(load_config(os.path.join(REPO, "configs", "demo.yaml"),
+                          [f"run_dir={tmp_path}"]))
+    parent = tmp_path / "rounds" / "2"
+    parent.mkdir(parents=True)
+    (parent / ".tmp-cams-dead0000").mkdir()   # an interrupted write of cams@2
+    (parent / ".tmp-crf-alive000").mkdir()    # another step's: not ours to remove
+    with run.output(Step("cams", 2)) as out:
+        assert os.path.dirname(out) == str(parent)
+        open(os.path.join(out, "part.parquet"), "w").write("x")
+        assert not (parent / "cams").exists()  # nothing visible until the block ends
+    assert (parent / "cams" / "part.parquet").exists()
+    assert sorted(os.listdir(parent)) == [".tmp-crf-alive000", "cams"]
+    with pytest.raises(RuntimeError):
+        with run.output(Step("cams", 2)) as out:
+            open(os.path.join(out, "part.parquet"), "w").write("y")
+            raise RuntimeError("stage failed")
+    assert open(parent / "cams" / "part.parquet").read() == "x"  # finished work kept
+    assert sorted(os.listdir(parent)) == [".tmp-crf-alive000", "cams"]
+
+
+def test_a_run_directory_from_the_first_release_resumes_at_the_new_steps(copy_run, tiny_run):
+    """A tiny run with the manifest entries of the new steps removed, as the first
+    release left it: every old step is up to date, the new ones and the report are not;
+    changing a segmenter key makes only the segmenter and what follows stale."""
+    root = copy_run("old")
+    path = os.path.join(root, "manifest.json")
+    manifest = json.load(open(path))
+    for key in ("segmenter", "predict", "report"):
+        del manifest["stages"][key]
+    json.dump(manifest, open(path, "w"))
+    for folder in ("segmenter", "predictions", "report"):
+        shutil.rmtree(os.path.join(root, folder))
+    run = Run(tiny_run.config, root)
+    assert [s.key for s in steps() if run.is_done(s)] == ["dataset", "classifier", "cams",
+                                                          "crf", "evaluate"]
+    changed = Run(load_config(os.path.join(REPO, "configs", "demo.yaml"),
+                              _tiny_overrides(root) + ["segmenter.lr=0.02"]), tiny_run.root)
+    assert [s.key for s in steps() if not changed.is_done(s)] == ["segmenter", "predict",
+                                                                  "report"]
+
+
+def _tiny_overrides(root):
+    from .conftest import TINY_OVERRIDES
+    return TINY_OVERRIDES + [f"run_dir={root}"]
+
+
+def test_stale_progress_bar_cleanup_survives_a_changed_ray(monkeypatch):
+    """The cleanup edits Ray's private bar manager: a Ray whose manager lacks what it
+    expects (renamed attributes, another lock type) must not fail a stage."""
+    from ray.experimental import tqdm_ray
+
+    from ray_wsss.runtime import close_stale_progress_bars
+
+    class Renamed:
+        lock = None          # not a context manager
+        groups = {}          # bar_groups renamed
+
+    monkeypatch.setattr(tqdm_ray, "_manager", Renamed(), raising=False)
+    close_stale_progress_bars()   # must not raise
+    monkeypatch.setattr(tqdm_ray, "_manager", object(), raising=False)
+    close_stale_progress_bars()
