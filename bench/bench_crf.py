@@ -18,12 +18,12 @@ from common import scratch_run, start_ray, write_cams
 def child(root: str, cpus: int, images: int) -> None:
     from ray_wsss.config import load_config
     from ray_wsss.refine import stage
-    from ray_wsss.run import Run
+    from ray_wsss.run import Run, StepContext
 
     start_ray(cpus)
     run = Run(load_config(f"{root}/config.yaml"), root)
     t0 = time.perf_counter()
-    stage.run(run.config, run)
+    stage.run(run.config, StepContext(run, "crf"))
     dt = time.perf_counter() - t0
     print(f"{cpus:5d}{images / dt:12.1f}{dt:10.1f}", flush=True)
 

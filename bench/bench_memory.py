@@ -22,6 +22,7 @@ from common import PeakMemory, scratch_run, start_ray, write_cams
 def child(n: int, method: str, detail: bool = False, overrides=(),
           object_store_mb: int | None = None) -> None:
     from ray_wsss.refine import stage as crf
+    from ray_wsss.run import StepContext
 
     run, model_dir = scratch_run(n, overrides=[f"cams.method={method}", *overrides])
     start_ray(2, object_store_mb)
@@ -29,7 +30,7 @@ def child(n: int, method: str, detail: bool = False, overrides=(),
         t0 = time.perf_counter()
         with run.output("cams") as out:
             write_cams(run, model_dir, out)
-        crf.run(run.config, run)
+        crf.run(run.config, StepContext(run, "crf"))
         dt = time.perf_counter() - t0
     print(f"{n:8d}{mem.peak / 2**20:14.0f}{dt:10.1f}", flush=True)
     if detail:

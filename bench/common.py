@@ -57,7 +57,7 @@ def write_cams(run: Run, model_dir: str, out: str) -> None:
     from ray_wsss.cams.stage import cam_dataset
     from ray_wsss.runtime import write_parquet
 
-    write_parquet(cam_dataset(run.config, run, model_dir), out, run.config.ray)
+    write_parquet(cam_dataset(run.config, run.dataset_path, model_dir), out, run.config.ray)
 
 
 def with_config(run: Run, **changes) -> Run:

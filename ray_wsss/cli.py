@@ -8,6 +8,8 @@
     ray-wsss import voc PATH --out DIR
     ray-wsss import folder PATH [--labels CSV] [--masks DIR] --classes NAMES --out DIR
     ray-wsss import coco INSTANCES.json --images DIR --out DIR
+    ray-wsss export RUN_DIR --what pseudo-masks|seeds|predictions|model --out DIR
+    ray-wsss unlock RUN_DIR
     ray-wsss metrics RUN_DIR
     ray-wsss config [CONFIG.yaml] [key.sub=value ...]   (every key, defaults included)
 
@@ -102,11 +104,14 @@ def cmd_explain(args) -> int:
     from .run import Run
     from .runtime import close_stale_progress_bars, init_ray
 
+    from .pipeline import run_lock
+
     config = _config(args)
     run = Run(config)
     init_ray(config.ray)
     methods = args.methods.split(",") if args.methods else list(config.explain.methods)
-    result = run_explain(config, run, [m.strip() for m in methods if m.strip()])
+    with run_lock(run):  # explain writes into the run directory: one writer at a time
+        result = run_explain(config, run, [m.strip() for m in methods if m.strip()])
     close_stale_progress_bars()
     print(f"\nExplaining methods on {result['images']} images "
           f"(XAI metrics in %, over detected classes; seed mIoU at the best threshold):")
@@ -128,9 +133,12 @@ def cmd_sweep(args) -> int:
 
     config = _config(args)
     spec = load_spec(args.name, {"num_samples": args.samples} if args.samples else None)
+    from .pipeline import run_lock
+
     run = Run(config)
     init_ray(config.ray)
-    result = run_sweep(config, run, spec, force=args.force)
+    with run_lock(run):  # a sweep writes into the run directory: one writer at a time
+        result = run_sweep(config, run, spec, force=args.force)
     close_stale_progress_bars()
     good = sorted((r for r in result["rows"] if r["metric"] is not None),
                   key=lambda r: -r["metric"] if spec.mode == "max" else r["metric"])
@@ -155,6 +163,16 @@ def cmd_metrics(args) -> int:
     return 0
 
 
+def _walk_on(root: str) -> bool:
+    """Whether the run's config has the random-walk stages on (a run switched off after
+    an earlier run with them keeps their old scores in metrics.json)."""
+    path = storage.join(root, "manifest.json")
+    if not storage.exists(path):
+        return True
+    return bool(storage.read_json(path).get("config", {}).get("random_walk", {})
+                .get("enabled", False))
+
+
 def print_summary(root: str) -> None:
     """The table of the evaluate stage and the report's path."""
     path = storage.join(root, "metrics.json")
@@ -162,7 +180,14 @@ def print_summary(root: str) -> None:
         print(f"no metrics yet in {root}")
         return
     metrics = storage.read_json(path)
-    ev = metrics.get("evaluate")
+
+    def last(stage: str) -> tuple[str, dict | None]:
+        """The last round's entry of `stage` (the run's output, with the loop)."""
+        keys = [k for k in metrics if k.partition("@")[0] == stage]
+        key = max(keys, key=lambda k: int(k.partition("@")[2] or 1), default=stage)
+        return key, metrics.get(key)
+
+    ev_key, ev = last("evaluate")
     if ev:
         cams = ev["cams"]
         t = cams["best_threshold"]
@@ -175,20 +200,34 @@ def print_summary(root: str) -> None:
             rows = [(f"CAM seeds (best threshold {t})", cams["best"]),
                     (f"CAM seeds (threshold {configured})", ev["seeds"])]
         rows.append(("CRF pseudo masks", ev["crf"]))
-        model = metrics.get("predict", {}).get("scores", {})
+        walked = metrics.get("random_walk", {}).get("scores", {}) if _walk_on(root) else {}
+        rows += [("random-walk masks", walked[split]["rw_mask"]) for split in ev["splits"]
+                 if split in walked]
+        model = (last("predict")[1] or {}).get("scores", {})
         for split in ev["splits"]:
             if split in model:
                 rows.append(("segmentation model", model[split]["prediction"]))
                 if "prediction_crf" in model[split]:
                     rows.append(("segmentation model + CRF", model[split]["prediction_crf"]))
         print()
-        print(f"Evaluation on split(s) {', '.join(ev['splits'])}: {ev['images']} images "
-              "with ground truth")
+        where = f" (round {ev_key.partition('@')[2]})" if "@" in ev_key else ""
+        print(f"Evaluation on split(s) {', '.join(ev['splits'])}{where}: {ev['images']} "
+              "images with ground truth")
         print(f"{'':36s}{'mIoU':>8s}{'pixel acc':>11s}{'mean F1':>9s}")
         for name, m in rows:
             print(f"{name:36s}{100 * m['miou']:8.1f}{100 * m['pixel_accuracy']:11.1f}"
                   f"{100 * m['mean_f1']:9.1f}")
-    cls = metrics.get("classifier")
+    from .report import round_curves
+
+    curves = round_curves(metrics)
+    if len(curves["round"]) > 1:
+        print(f"\nmIoU per round of the loop:  {'round':>5s}{'seeds':>8s}{'CRF':>8s}"
+              f"{'model':>8s}")
+        for i, t in enumerate(curves["round"]):
+            cells = "".join(f"{'-' if v[i] is None else f'{v[i]:.1f}':>8s}" for v in (
+                curves["CAM seeds"], curves["CRF pseudo masks"], curves["segmentation model"]))
+            print(f"{'':29s}{t:5d}{cells}")
+    cls = last("classifier")[1]
     if cls and cls.get("val_map") is not None:
         # with no negative example in val, any scores give the top mAP
         note = (" (every val image holds every class: this measures nothing)"
@@ -303,10 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("export", help="write a run's masks as PNG files, or its model")
     q.add_argument("run_dir", help="a finished run directory")
     q.add_argument("--what", required=True,
-                   choices=("pseudo-masks", "seeds", "predictions", "predictions-crf",
-                            "model"),
-                   help="pseudo-masks (CRF), seeds, predictions of the segmentation model "
-                        "(-crf: after its CRF), or the segmentation model's weights")
+                   choices=("pseudo-masks", "seeds", "random-walk-masks", "predictions",
+                            "predictions-crf", "model"),
+                   help="pseudo-masks (CRF), seeds, random-walk-masks, predictions of the "
+                        "segmentation model (-crf: after its CRF), or the segmentation "
+                        "model's weights")
     q.add_argument("--out", required=True, help="folder to write (created)")
     q.add_argument("--splits", help="comma-separated splits (default: every split)")
     q.add_argument("--round", type=int, default=None, help="round (default: the last)")

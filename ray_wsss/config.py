@@ -251,7 +251,8 @@ class SegmenterConfig:
     """DeepLabV3+ (Chen et al. 2018) fitted on the pseudo masks with Ray Train.
 
     `masks`: which pseudo masks it learns from: `crf` (the dense-CRF masks), `seeds`
-    (the CAM seeds at seeds.background_threshold). `unsure_band` [low, high]: pixels
+    (the CAM seeds at seeds.background_threshold), `random_walk` (IRN's random-walk
+    masks; needs random_walk.enabled). `unsure_band` [low, high]: pixels
     whose highest CAM of the image's classes lies in [low, high) are set to 255 (not
     learned from) in the chosen masks; null keeps every pixel.
     The optimizer is SGD with Nesterov-free momentum applied as momentum (not the
@@ -266,7 +267,7 @@ class SegmenterConfig:
     # DeepLabV3+ widths: ASPP branches and decoder convs (256 in the paper)
     aspp_channels: int = 256
     decoder_channels: int = 256
-    masks: Literal["crf", "seeds"] = "crf"
+    masks: Literal["crf", "seeds", "random_walk"] = "crf"
     unsure_band: tuple[float, float] | None = None
     epochs: int = 10
     batch_size: int = 16             # global batch, split over the workers
@@ -307,6 +308,132 @@ class PredictConfig:
     cpus_per_actor: int = 1
     gpus_per_actor: float = 0.0
     torch_threads: int | None = None
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """The iterative loop of T rounds (the founding diagram). After round t the
+    segmentation model's softmax class masks c_i (over the image's classes and
+    background) and the classifier's probabilities P(c_i) make the prior
+    M_{t+1} = sum_i alpha_i c_i P(c_i) / max_i alpha_i (in [0, 1]), an extra input
+    channel of round t+1's classifier (in training, CAMs and explain); M_1 is uniform
+    (round 1 is the plain pipeline).
+
+    `prior`: `sum` (one channel, the diagram) or `per_class` (K channels alpha_i c_i P(c_i)
+    / max alpha). `feedback`: `prior` (the diagram) or `labels` (self-training, the common
+    multi-round baseline: round t+1's segmentation model is fitted on round t's
+    CRF-refined predictions of the train split; needs predict.crf: true).
+    `alpha`: one weight per class (null: 1 for every class). `warm_start`: round t+1's
+    classifier starts from round t's weights (the extra channels from zero), else from
+    the initialisation of round 1. `rounds` is in no hash: raising T reuses rounds 1..T-1.
+    """
+    rounds: int = 1
+    prior: Literal["sum", "per_class"] = "sum"
+    feedback: Literal["prior", "labels"] = "prior"
+    alpha: tuple[float, ...] | None = None
+    warm_start: bool = False
+    # resources of the prior stage's actors
+    batch_size: int = 8
+    num_actors: int | None = None
+    cpus_per_actor: int = 1
+    gpus_per_actor: float = 0.0
+    torch_threads: int | None = None
+
+
+@dataclass(frozen=True)
+class LabelCrfConfig:
+    """Dense CRF from hard labels (IRN's `crf_inference_label`): each pixel's unary puts
+    `gt_prob` on its label; IRN's kernels (Gaussian 3/3, bilateral 50/5/10)."""
+    gt_prob: float = 0.7
+    iterations: int = 10
+    gaussian_sxy: float = 3.0
+    gaussian_compat: float = 3.0
+    bilateral_sxy: float = 50.0
+    bilateral_srgb: float = 5.0
+    bilateral_compat: float = 10.0
+
+
+@dataclass(frozen=True)
+class AffinityConfig:
+    """IRN's affinity labels and boundary network (Ahn, Cho and Kwak 2019), used when
+    `random_walk.enabled`.
+
+    Labels (stage `affinity_labels`, train split of the classifier): confident
+    foreground where a class map beats `fg_threshold`, confident background where none
+    beats `bg_threshold`, each map cleaned by `label_crf`; 255 (unsure) elsewhere.
+    Network (stage `affinity`, Ray Train): 1x1 heads on the stages of a frozen backbone
+    -> boundary map at stride 4, affinities 1 - path max, trained on the pairs within
+    `radius` with the 1/4 bg+ + 1/4 fg+ + 1/2 neg loss. `init`: the frozen backbone's
+    weights: `classifier` (the fitted classifier's own backbone), `pretrained`
+    (model.pretrained's ImageNet weights, as IRN). IRN: 3 epochs, crop 512, batch 32,
+    lr 0.1, weight decay 1e-4, poly; its PolyOptimizer leaves SGD momentum at ~0, which
+    `momentum: 0.0` reproduces (see README)."""
+    fg_threshold: float = 0.30
+    bg_threshold: float = 0.05
+    label_crf: LabelCrfConfig = field(default_factory=LabelCrfConfig)
+    init: Literal["classifier", "pretrained"] = "classifier"
+    radius: int = 10
+    epochs: int = 3
+    batch_size: int = 32             # global batch, split over the workers
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    crop_size: int = 512
+    scale_range: tuple[float, float] = (0.7, 1.3)
+    hflip: bool = True
+    seed: int = 0
+    label_batch_size: int = 8        # images per affinity-label task
+    # resources (not part of the stage hash)
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    torch_threads: int | None = None
+    max_failures: int = 2
+    label_cpus_per_task: float = 1.0
+
+
+@dataclass(frozen=True)
+class WalkCrfConfig:
+    """The optional dense CRF on the walked maps (Puzzle-CAM / P-NOC's
+    `make_pseudo_labels`): unary -log of [background_threshold, walked maps / max],
+    their kernels (Gaussian 3/3, bilateral 80/13/10). iterations 0: off (IRN)."""
+    iterations: int = 0
+    gaussian_sxy: float = 3.0
+    gaussian_compat: float = 3.0
+    bilateral_sxy: float = 80.0
+    bilateral_srgb: float = 13.0
+    bilateral_compat: float = 10.0
+
+
+@dataclass(frozen=True)
+class RandomWalkConfig:
+    """Random-walk pseudo masks (IRN), computed sparsely on Ray Data actors.
+
+    `enabled`: run the stages affinity_labels, affinity and random_walk (off: they are
+    skipped and no other step depends on them). Per image: the boundary map of the
+    affinity network (averaged with that of the mirrored image when `flip`, as IRN),
+    affinities on the pairs within `radius`, A ** `beta`, `steps` steps of the walk of
+    the CAMs of the image's classes (times 1 - boundary). Mask: the walked maps divided
+    by their global max, background where no class beats `background_threshold` (IRN
+    0.25; Puzzle-CAM / P-NOC threshold at 0.30-0.35 and add a one-iteration `crf`);
+    `walked_background`: a background map (1 - max CAM) ** `background_power`
+    (AffinityNet) is walked with the classes and competes in the argmax instead."""
+    enabled: bool = False
+    radius: int = 5
+    beta: float = 10.0
+    steps: int = 256
+    background_threshold: float = 0.25
+    walked_background: bool = False
+    background_power: float = 16.0
+    flip: bool = True
+    crf: WalkCrfConfig = field(default_factory=WalkCrfConfig)
+    max_image_side: int | None = 1024  # larger images are shrunk for the network and walk
+    batch_size: int = 8
+    # resources
+    num_actors: int | None = None  # null: one per GPU, or CPUs - 1
+    cpus_per_actor: int = 1
+    gpus_per_actor: float = 0.0
+    torch_threads: int | None = None  # null: cpus_per_actor
 
 
 @dataclass(frozen=True)
@@ -364,6 +491,9 @@ class PipelineConfig:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
+    affinity: AffinityConfig = field(default_factory=AffinityConfig)
+    random_walk: RandomWalkConfig = field(default_factory=RandomWalkConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
     explain: ExplainConfig = field(default_factory=ExplainConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     ray: RayConfig = field(default_factory=RayConfig)

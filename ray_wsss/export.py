@@ -20,6 +20,7 @@ from .errors import StageError
 
 # what -> (stage, column)
 SOURCES = {"pseudo-masks": ("crf", "pseudo_mask"), "seeds": ("crf", "seed"),
+           "random-walk-masks": ("random_walk", "rw_mask"),
            "predictions": ("predict", "prediction"),
            "predictions-crf": ("predict", "prediction_crf"),
            "model": ("segmenter", None)}

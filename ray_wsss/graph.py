@@ -3,8 +3,15 @@
 ```
 dataset ─► classifier ─► cams ─► crf ─► evaluate            (pseudo masks scored)
                                    └──► segmenter ─► predict  (DeepLabV3+ fitted, applied, scored)
-                                                  report     (after the last step)
+                          cams ─► affinity_labels ─► affinity ─► random_walk   (IRN; when
+                                                  report     (after the last step)  enabled)
 ```
+
+A stage may be off for a config (`enabled`: the random-walk stages unless
+`random_walk.enabled`): it then has no step to run, and no step counts it as an input,
+so switching it off leaves every other step's hash as it was. An input may also be read
+only under a condition (`optional`: the segmenter reads the random-walk masks only when
+`segmenter.masks` is `random_walk`).
 
 A stage is one entry of `STAGES`: its name, the config sections that decide its result,
 its logical inputs, its entry function (imported here, so a reader and a tool can follow
@@ -30,8 +37,12 @@ from . import report as _report
 from . import storage
 from .cams import stage as _cams
 from .data import stage as _dataset
+from .refine import affinity_stage as _affinity_labels
 from .refine import stage as _crf
+from .refine import walk_stage as _random_walk
+from .train import affinity as _affinity
 from .train import classifier as _classifier
+from .train import prior as _prior
 from .train import segmenter as _segmenter
 
 
@@ -54,6 +65,33 @@ def _dataset_external(config, cache: dict) -> list[str]:
         except (OSError, ValueError, AttributeError):
             cache[where] = None  # reading the dataset reports what is wrong with it
     return ["dataset_id:" + cache[where]] if cache[where] else []
+
+
+def _always(config) -> bool:
+    return True
+
+
+def _random_walk_on(config) -> bool:
+    return config.random_walk.enabled
+
+
+def _walk_masks(config) -> bool:
+    return config.segmenter.masks == "random_walk"
+
+
+# The fields of `affinity` that decide the affinity labels; the others are the fit's
+# (changing the epochs must not recompute the labels' CRFs).
+AFFINITY_LABEL_FIELDS = frozenset({"fg_threshold", "bg_threshold", "label_crf"})
+AFFINITY_RESOURCES = frozenset({"num_workers", "use_gpu", "cpus_per_worker", "torch_threads",
+                                "max_failures", "label_batch_size", "label_cpus_per_task"})
+
+
+def _affinity_fit_fields() -> frozenset:
+    import dataclasses
+
+    from .config import AffinityConfig
+    return frozenset(f.name for f in dataclasses.fields(AffinityConfig)) - \
+        AFFINITY_LABEL_FIELDS
 
 
 def _classifier_external(config, cache: dict) -> list[str]:
@@ -81,32 +119,76 @@ class Stage:
     resources: dict[str, frozenset] = field(default_factory=dict)
     external: Callable = _no_external   # fingerprints of what it reads from outside
     per_round: bool = True
+    # Inputs in rounds 2..T of the iterative loop, per `loop.feedback`: a tuple of tokens
+    # (`crf`: this round's, `segmenter@prev`: the round before's, `classifier@1`: round
+    # 1's), or None where the stage does not run in later rounds; a feedback missing here
+    # means the same inputs as in round 1, of the same round.
+    later: dict = field(default_factory=dict)
+    first_round: int = 1                # the prior exists from round 2 on
+    # whether the stage runs at all for a config (off: no step, nobody's input)
+    enabled: Callable = _always
+    # inputs read only when their predicate holds for the config (else not hashed, not
+    # waited for)
+    optional: dict[str, Callable] = field(default_factory=dict)
+    # fields of its sections that decide another stage's result, not this one's: left
+    # out of its hash like resources
+    unhashed: dict[str, frozenset] = field(default_factory=dict)
 
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("dataset", ("data",), (), _dataset.run, "dataset",
           "import the data (or generate the demo set) into Parquet",
           external=_dataset_external, per_round=False),
+    # M_t for round t >= 2 (iterative loop): the previous round's segmentation model's
+    # class masks weighted by its classifier's probabilities, an extra input channel
+    Stage("prior", ("loop",), ("segmenter@prev", "cams@prev"), _prior.run, "prior",
+          "the class-mask prior M_t of the next round (Ray Data actors)",
+          # `rounds` decides how many steps there are, not what any step computes
+          resources={"loop": frozenset({"rounds", "batch_size", "num_actors",
+                                        "cpus_per_actor", "gpus_per_actor",
+                                        "torch_threads"})},
+          later={"labels": None}, first_round=2),
     Stage("classifier", ("model", "head", "regularizers", "classifier"), ("dataset",),
           _classifier.run, "classifier",
           "fit the multi-label classifier (Ray Train, DDP)",
+          later={"prior": ("dataset", "prior"), "labels": None},
           resources={"classifier": frozenset({"num_workers", "use_gpu", "cpus_per_worker",
                                               "torch_threads", "max_failures",
                                               "cache_images"})},
           external=_classifier_external),
     Stage("cams", ("cams",), ("classifier",), _cams.run, "cams",
           "class activation maps of every image (Ray Data actors)",
+          later={"prior": ("classifier", "prior"), "labels": None},
           resources={"cams": frozenset({"batch_size", "num_actors", "cpus_per_actor",
                                         "gpus_per_actor", "torch_threads",
                                         "scorecam_batch"})}),
     Stage("crf", ("seeds", "crf"), ("cams",), _crf.run, "crf",
-          "seeds and dense-CRF pseudo masks (Ray Data tasks)",
+          "seeds and dense-CRF pseudo masks (Ray Data tasks)", later={"labels": None},
           resources={"crf": frozenset({"batch_size", "cpus_per_task"})}),
     Stage("evaluate", ("seeds", "evaluate"), ("cams", "crf"), _evaluate.run, None,
-          "score CAM seeds and pseudo masks against ground truth",
+          "score CAM seeds and pseudo masks against ground truth", later={"labels": None},
           resources={"evaluate": frozenset({"batch_size"})}),
-    Stage("segmenter", ("segmenter",), ("classifier", "cams", "crf"), _segmenter.run, "segmenter",
-          "fit DeepLabV3+ on the pseudo masks (Ray Train, DDP)",
+    # IRN (random_walk.enabled): affinity labels, boundary network, random-walk masks
+    Stage("affinity_labels", ("affinity",), ("cams",), _affinity_labels.run,
+          "affinity_labels", "IRN's affinity labels from the train split's CAMs (Ray Data "
+          "tasks)", later={"labels": None}, enabled=_random_walk_on,
+          resources={"affinity": AFFINITY_RESOURCES},
+          unhashed={"affinity": _affinity_fit_fields()}),
+    Stage("affinity", ("affinity",), ("classifier", "affinity_labels"), _affinity.run,
+          "affinity", "fit IRN's boundary network on the frozen backbone (Ray Train, DDP)",
+          later={"labels": None}, enabled=_random_walk_on,
+          resources={"affinity": AFFINITY_RESOURCES}),
+    Stage("random_walk", ("random_walk",), ("cams", "affinity"), _random_walk.run,
+          "random_walk", "random-walk pseudo masks, scored (Ray Data actors)",
+          later={"labels": None}, enabled=_random_walk_on,
+          resources={"random_walk": frozenset({"batch_size", "num_actors", "cpus_per_actor",
+                                               "gpus_per_actor", "torch_threads"})}),
+    # self-training (loop.feedback: labels): round t's model learns from round t-1's
+    # CRF-refined predictions, its backbone starting where round 1's did
+    Stage("segmenter", ("segmenter",), ("classifier", "cams", "crf", "random_walk"),
+          _segmenter.run, "segmenter", "fit DeepLabV3+ on the pseudo masks (Ray Train, DDP)",
+          later={"labels": ("classifier@1", "predict@prev")},
+          optional={"random_walk": _walk_masks},
           resources={"segmenter": frozenset({"num_workers", "use_gpu", "cpus_per_worker",
                                              "torch_threads", "max_failures",
                                              "cache_images"})}),
@@ -114,8 +196,9 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           "apply the segmentation model to every image and score it (Ray Data actors)",
           resources={"predict": frozenset({"batch_size", "num_actors", "cpus_per_actor",
                                            "gpus_per_actor", "torch_threads"})}),
-    Stage("report", ("report",), ("cams", "crf", "evaluate", "predict"), _report.run, "report",
-          "the HTML report", per_round=False),
+    Stage("report", ("report",), ("cams@last", "crf@last", "evaluate@last", "predict@last",
+                                  "random_walk@last"),
+          _report.run, "report", "the HTML report", per_round=False),
 )}
 STAGE_NAMES = tuple(STAGES)
 
@@ -138,7 +221,7 @@ def get(name: str) -> Stage:
 
 @dataclass(frozen=True, order=True)
 class Step:
-    """A stage in a round."""
+    """A stage in a round. Its inputs depend on the loop's settings: `inputs(loop)`."""
     stage: str
     round: int = 1
 
@@ -152,16 +235,77 @@ class Step:
         name, _, rnd = key.partition("@")
         return cls(name, int(rnd) if rnd else 1)
 
-    def input(self, name: str) -> "Step":
+    def inputs(self, loop=None) -> list["Step"]:
+        """The steps this step reads, for the loop settings `loop` (rounds, feedback;
+        None: a single round)."""
+        return [self._resolve(tok, loop) for tok in _tokens(self, loop)]
+
+    def _resolve(self, token: str, loop) -> "Step":
+        name, _, which = token.partition("@")
+        if name in STAGES and not STAGES[name].per_round:
+            return Step(name, 1)
+        if which == "prev":
+            return Step(name, self.round - 1)
+        if which == "last":
+            return Step(name, last_round(name, loop))
+        if which:
+            return Step(name, int(which))
+        return Step(name, self.round)
+
+    def input(self, name: str, loop=None) -> "Step":
         """The step of stage `name` that this step reads."""
-        return Step(name, self.round if STAGES[name].per_round else 1)
+        for step in self.inputs(loop):
+            if step.stage == name:
+                return step
+        from .errors import StageError
+        raise StageError(f"stage {self.key} does not declare input {name!r}")
 
 
-def steps(rounds: int = 1) -> list[Step]:
-    """Every step of a run, in the order they run."""
+def active_inputs(step: Step, config) -> list[Step]:
+    """The steps `step` reads for `config`: its inputs (`Step.inputs`) less those of
+    stages that are off and optional ones whose condition does not hold. These are what
+    its hash and freshness depend on and what it waits for."""
+    optional = STAGES[step.stage].optional
+    return [u for u in step.inputs(config.loop) if STAGES[u.stage].enabled(config)
+            and optional.get(u.stage, _always)(config)]
+
+
+def _tokens(step: Step, loop) -> tuple[str, ...]:
+    stage = STAGES[step.stage]
+    if step.round == 1 or not stage.per_round:
+        return stage.inputs
+    feedback = getattr(loop, "feedback", "prior")
+    return stage.later.get(feedback, stage.inputs) or ()
+
+
+def runs_in(stage: Stage, round: int, loop) -> bool:
+    """Whether `stage` has a step in `round` under the loop settings `loop`."""
+    if not stage.per_round:
+        return round == 1
+    if round < stage.first_round:
+        return False
+    if round == 1:
+        return True
+    feedback = getattr(loop, "feedback", "prior")
+    return stage.later.get(feedback, stage.inputs) is not None
+
+
+def last_round(name: str, loop) -> int:
+    """The last round in which stage `name` has a step."""
+    rounds = getattr(loop, "rounds", 1)
+    return max(t for t in range(1, rounds + 1) if runs_in(STAGES[name], t, loop))
+
+
+def steps(loop=None) -> list[Step]:
+    """Every step of a run, in the order they run: the dataset, round 1's steps, round
+    2's, ... round T's (`loop.rounds`), the report."""
+    rounds = getattr(loop, "rounds", 1) if not isinstance(loop, int) else loop
+    if isinstance(loop, int):
+        from .config import LoopConfig
+        loop = LoopConfig(rounds=loop)
     once_first = [Step(s.name) for s in STAGES.values() if not s.per_round
                   and not s.inputs]
     each = [Step(s.name, t) for t in range(1, rounds + 1) for s in STAGES.values()
-            if s.per_round]
+            if s.per_round and runs_in(s, t, loop)]
     once_last = [Step(s.name) for s in STAGES.values() if not s.per_round and s.inputs]
     return once_first + each + once_last

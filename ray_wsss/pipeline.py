@@ -16,7 +16,7 @@ from typing import Sequence
 from . import storage
 from .config import PipelineConfig
 from .errors import StageError
-from .graph import STAGE_NAMES, STAGES, Step, get, steps
+from .graph import STAGE_NAMES, STAGES, Step, active_inputs, get, steps
 from .run import Run, StepContext
 from .runtime import close_stale_progress_bars, init_ray, project_error
 
@@ -49,11 +49,14 @@ def run_step(step: Step, config: PipelineConfig, run: Run, force: bool = False,
              check_upstream: bool = True) -> dict | None:
     """Run one step unless it is up to date; returns its summary (None when skipped)."""
     stage = get(step.stage)
+    if not stage.enabled(config):
+        _log(f"stage {step.key}: off for this config (random_walk.enabled is false), skipped")
+        return None
     if not force and run.is_done(step):
         _log(f"stage {step.key}: up to date, skipped")
         return None
     if check_upstream:
-        missing = [step.input(u) for u in stage.inputs if not run.is_done(step.input(u))]
+        missing = [u for u in active_inputs(step, config) if not run.is_done(u)]
         if missing:
             raise StageError(f"stage {step.key} needs stage {missing[0].key} to be finished "
                              f"first in {run.root} (run `ray-wsss run` or `ray-wsss stage "
@@ -94,13 +97,13 @@ def run_stage(name: str, config: PipelineConfig, run: Run | None = None, force: 
 def run_pipeline(config: PipelineConfig, force: bool = False,
                  stages: Sequence[str] | None = None, run_dir: str | None = None) -> Run:
     """Run every step in order (or those of the named stages), skipping those up to
-    date."""
+    date: round 1's, then, with `loop.rounds` > 1, those of the later rounds."""
     run = Run(config, run_dir)
     storage.makedirs(run.root)
     _log(f"run directory {run.root}")
     wanted = set(stages or STAGE_NAMES)
     with run_lock(run):
-        for step in steps():
+        for step in steps(config.loop):
             if step.stage in wanted:
                 run_step(step, config, run, force=force)
     return run

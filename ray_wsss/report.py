@@ -186,12 +186,14 @@ def _pct(x) -> str:
     return "–" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{100 * x:.1f}"
 
 
-def _class_table(ev: dict, info: DatasetInfo, model: dict | None = None) -> str:
-    """Per class: seed IoU, CRF IoU, their difference, CRF F1, and the segmentation
-    model's IoU on the same split when it was scored there."""
+def _class_table(ev: dict, info: DatasetInfo, model: dict | None = None,
+                 walk: dict | None = None) -> str:
+    """Per class: seed IoU, CRF IoU, their difference, CRF F1, and the random-walk
+    masks' and the segmentation model's IoU on the same split when scored there."""
     seeds = ev["cams"]["best"]["per_class"]
     crf = ev["crf"]["per_class"]
     model_pc = (model or {}).get("per_class", {})
+    walk_pc = (walk or {}).get("per_class", {})
     rows = []
     for i, name in enumerate(info.label_names):
         if name not in crf:
@@ -206,14 +208,17 @@ def _class_table(ev: dict, info: DatasetInfo, model: dict | None = None) -> str:
                     f"{html.escape(name)}</td><td>{_pct(s)}</td><td style='text-align:left'>"
                     f"{sbar}</td><td>{_pct(c)}</td><td style='text-align:left'>{bar}</td>"
                     f"<td>{delta}</td><td>{_pct(crf[name]['f1'])}</td>"
+                    + (f"<td>{_pct(walk_pc.get(name, {}).get('iou'))}</td>" if walk else "")
                     + (f"<td>{_pct(model_pc.get(name, {}).get('iou'))}</td>" if model else "")
                     + f"<td>{crf[name]['gt_pixels']:,}</td></tr>")
     rows.append(f"<tr><th>mean</th><th>{_pct(ev['cams']['best']['miou'])}</th><th></th>"
                 f"<th>{_pct(ev['crf']['miou'])}</th><th></th><th></th>"
                 f"<th>{_pct(ev['crf']['mean_f1'])}</th>"
+                + (f"<th>{_pct(walk['miou'])}</th>" if walk else "")
                 + (f"<th>{_pct(model['miou'])}</th>" if model else "") + "<th></th></tr>")
     return ("<table><tr><th>class</th><th>seed IoU</th><th></th><th>CRF IoU</th><th></th>"
-            "<th>Δ</th><th>CRF F1</th>" + ("<th>model IoU</th>" if model else "")
+            "<th>Δ</th><th>CRF F1</th>" + ("<th>random-walk IoU</th>" if walk else "")
+            + ("<th>model IoU</th>" if model else "")
             + "<th>GT pixels</th></tr>" + "".join(rows) + "</table>")
 
 
@@ -236,10 +241,20 @@ def _gallery_item(row: dict, info: DatasetInfo) -> str:
     pseudo = decode_mask(row["pseudo_mask"])
     gt = decode_mask(row["mask"]) if row.get("mask") is not None else None
     figs = [("image", _thumb(image), False)]
+    if row.get("prior") is not None:  # the loop's prior M_T that the last classifier saw
+        prior = decode_array(row["prior"]).astype(np.float32) / 255
+        figs.append(("prior M", _thumb(heatmap_overlay(image, prior.max(0))), False))
     for cam, c in zip(cams, classes):
         figs.append((f"CAM: {info.label_names[c]}", _thumb(heatmap_overlay(image, cam)), False))
     figs.append(("seed", _thumb(mask_overlay(image, seed), True), True))
     figs.append(("CRF pseudo mask", _thumb(mask_overlay(image, pseudo), True), True))
+    walk = decode_mask(row["rw_mask"]) if row.get("rw_mask") is not None else None
+    if walk is not None:
+        figs.append(("random-walk mask", _thumb(mask_overlay(image, walk), True), True))
+    if row.get("boundary") is not None:  # the affinity network's, at stride 4
+        boundary = cv2.resize(decode_mask(row["boundary"]), image.shape[1::-1],
+                              interpolation=cv2.INTER_LINEAR).astype(np.float32) / 255
+        figs.append(("boundary map", _thumb(heatmap_overlay(image, boundary)), False))
     pred = decode_mask(row["prediction"]) if row.get("prediction") is not None else None
     if pred is not None:
         figs.append(("segmentation model", _thumb(mask_overlay(image, pred), True), True))
@@ -249,8 +264,10 @@ def _gallery_item(row: dict, info: DatasetInfo) -> str:
     if gt is not None:
         keys = list(classes) + ([0] if info.background else [])
         model = (f" · model {_pct(_image_iou(gt, pred, keys))}" if pred is not None else "")
+        rw = (f" · random walk {_pct(_image_iou(gt, walk, keys))}" if walk is not None
+              else "")
         iou = (f"<span class='iou'>image mIoU: seed {_pct(_image_iou(gt, seed, keys))} · "
-               f"CRF {_pct(_image_iou(gt, pseudo, keys))}{model}</span>")
+               f"CRF {_pct(_image_iou(gt, pseudo, keys))}{rw}{model}</span>")
     names = ", ".join(info.label_names[c] for c in classes)
     strip = "".join(f"<figure><img src='{_png_uri(p)}' alt='{html.escape(t)}'>"
                     f"<figcaption>{html.escape(t)}</figcaption></figure>" for t, p, _ in figs)
@@ -278,6 +295,14 @@ def sample_rows(ctx, split: str, n: int) -> list[dict]:
     predictions = ctx.input("predict")
     if storage.exists(predictions):
         sources.append((predictions, ["prediction"]))
+    rounds = ctx.config.loop.rounds
+    if rounds > 1 and ctx.config.loop.feedback == "prior":
+        from .graph import Step
+        prior = ctx.run.step_path(Step("prior", rounds))
+        if storage.exists(prior):
+            sources.append((prior, ["prior"]))
+    if ctx.has_input("random_walk"):
+        sources.append((ctx.input("random_walk"), ["rw_mask", "boundary"]))
     return read_joined(sources, chosen)
 
 
@@ -378,9 +403,31 @@ def sweep_sections(run) -> str:
     return "".join(out)
 
 
+def round_curves(metrics: dict) -> dict:
+    """Per round t (metrics keys `evaluate@t`, `predict@t`): seed, CRF and segmentation
+    model mIoU in %, None where a round has no such step (self-training rounds make no
+    new pseudo masks)."""
+    rounds = sorted({1} | {int(k.partition("@")[2]) for k in metrics
+                           if k.partition("@")[2].isdigit()})
+    out = {"round": rounds, "CAM seeds": [], "CRF pseudo masks": [],
+           "segmentation model": []}
+    for t in rounds:
+        sfx = "" if t == 1 else f"@{t}"
+        ev, pred = metrics.get(f"evaluate{sfx}"), metrics.get(f"predict{sfx}", {})
+        out["CAM seeds"].append(100 * ev["cams"]["best"]["miou"] if ev else None)
+        out["CRF pseudo masks"].append(100 * ev["crf"]["miou"] if ev else None)
+        scores = pred.get("scores", {})
+        split = next(iter(scores), None)
+        out["segmentation model"].append(100 * scores[split]["prediction"]["miou"]
+                                         if split else None)
+    return out
+
+
 def render_page(run, info: DatasetInfo, metrics: dict, rows: list[dict],
-                predicted: dict | None = None, segmenter: dict | None = None) -> str:
-    """`predicted`: the predict step's metrics, `segmenter`: the segmenter step's."""
+                predicted: dict | None = None, segmenter: dict | None = None,
+                curves: dict | None = None) -> str:
+    """`predicted`: the predict step's metrics, `segmenter`: the segmenter step's,
+    `curves`: the per-round scores (`round_curves` of the whole metrics.json)."""
     cfg = run.config
     ev = metrics.get("evaluate", {})
     cls = metrics.get("classifier", {})
@@ -388,6 +435,9 @@ def render_page(run, info: DatasetInfo, metrics: dict, rows: list[dict],
     # the model's scores on the split the pseudo masks were scored on, for the table
     model_same = next((scores[s]["prediction"] for s in (ev.get("splits") or [])
                        if s in scores), None)
+    walked = (metrics.get("random_walk") or {}).get("scores", {})
+    walk_same = next((walked[s]["rw_mask"] for s in (ev.get("splits") or []) if s in walked),
+                     None)
     cards = []
     if ev:
         t = ev["cams"]["best_threshold"]
@@ -399,6 +449,9 @@ def render_page(run, info: DatasetInfo, metrics: dict, rows: list[dict],
             ("CRF mean F1", _pct(ev["crf"]["mean_f1"]), f"seeds {_pct(ev['seeds']['mean_f1'])}"),
             ("images evaluated", str(ev["images"]), f"split {', '.join(ev['splits'])}"),
         ]
+    if walk_same is not None:
+        cards.append(("random-walk masks mIoU", _pct(walk_same["miou"]),
+                      f"pixel accuracy {_pct(walk_same['pixel_accuracy'])}"))
     for split, m in scores.items():
         cards.append((f"segmentation model mIoU ({split})", _pct(m["prediction"]["miou"]),
                       f"pixel accuracy {_pct(m['prediction']['pixel_accuracy'])} · "
@@ -424,6 +477,13 @@ def render_page(run, info: DatasetInfo, metrics: dict, rows: list[dict],
             series["val mAP"] = (ep, [h.get("val_map") for h in hist])
         charts += ("<section><h2>Classifier training</h2>"
                    + line_chart(series, "epoch", "value") + "</section>")
+    rounds = curves or round_curves(metrics)
+    if len(rounds["round"]) > 1:
+        t = rounds["round"]
+        series = {k: (t, v) for k, v in rounds.items() if k != "round"
+                  and any(x is not None for x in v)}
+        charts += ("<section><h2>Iterative loop: mIoU per round</h2>"
+                   + line_chart(series, "round", "mIoU (%)") + "</section>")
     seg_hist = (segmenter or {}).get("history") or []
     if seg_hist:
         ep = [h["epoch"] for h in seg_hist]
@@ -446,8 +506,9 @@ def render_page(run, info: DatasetInfo, metrics: dict, rows: list[dict],
     seed_rule = f"best threshold {best}" if best is not None else "argmax over the classes"
     table = (f"<section><h2>Per-class IoU on {html.escape(', '.join(ev['splits']))}: CAM seeds "
              f"({seed_rule}) vs CRF pseudo masks"
+             f"{' vs random-walk masks' if walk_same else ''}"
              f"{' vs the segmentation model' if model_same else ''}</h2>"
-             f"{_class_table(ev, info, model_same)}</section>"
+             f"{_class_table(ev, info, model_same, walk_same)}</section>"
              if ev else "")
     return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'>"
             f"<meta name='viewport' content='width=device-width,initial-scale=1'>"
@@ -465,9 +526,19 @@ def render_page(run, info: DatasetInfo, metrics: dict, rows: list[dict],
 def run(config, ctx) -> dict:
     info = ctx.dataset_info()
     rows = sample_rows(ctx, config.report.split, config.report.num_images)
-    metrics = ctx.run.read_metrics()
+    from .graph import Step, last_round
+
+    metrics = dict(ctx.run.read_metrics())
+    curves = round_curves(metrics)
+    # the cards and tables show the last round's steps (the run's output); the per-round
+    # curves read every round
+    metrics["evaluate"] = ctx.metrics("evaluate")
+    metrics["random_walk"] = ctx.metrics("random_walk") if ctx.has_input("random_walk") else {}
+    last = Step("classifier", last_round("classifier", config.loop)).key
+    metrics["classifier"] = metrics.get(last, metrics.get("classifier", {}))
+    segmenter = Step("segmenter", last_round("segmenter", config.loop)).key
     page = render_page(ctx.run, info, metrics, rows, ctx.metrics("predict"),
-                       ctx.metrics("segmenter"))
+                       metrics.get(segmenter, {}), curves)
     with ctx.output() as out:
         storage.write_bytes_atomic(storage.join(out, "index.html"), page.encode("utf-8"))
     return {"path": storage.join(ctx.path, "index.html"), "images": len(rows)}

@@ -88,17 +88,19 @@ class Run:
         """Hash of what decides `step`'s result: its stage's config sections and, through
         the input steps' hashes, everything before it (and files it reads from outside
         the run, by content or id)."""
-        from .graph import STAGES, resource_fields
+        from .graph import STAGES, active_inputs, resource_fields
 
         step = self._step(step)
         key = step.key
         if key not in self._hashes:
             stage = STAGES[step.stage]
-            upstream = [self.current_hash(step.input(u)) for u in stage.inputs]
+            upstream = [self.current_hash(u) for u in active_inputs(step, self.config)]
+            skip = resource_fields()
+            for section, names in stage.unhashed.items():
+                skip[section] = skip.get(section, frozenset()) | names
             self._hashes[key] = section_hash(
                 self.config, stage.sections,
-                upstream + stage.external(self.config, self._fingerprints),
-                resource_fields())
+                upstream + stage.external(self.config, self._fingerprints), skip)
         return self._hashes[key]
 
     # ------------------------------------------------------------ manifest
@@ -114,14 +116,14 @@ class Run:
         """The manifest entry (done or interrupted) has the current config hash and was
         made from the current outputs of its input steps, so its partial outputs can be
         resumed."""
-        from .graph import STAGES
+        from .graph import active_inputs
 
         step = self._step(step)
         stages = self.manifest().get("stages", {})
         entry = stages.get(step.key)
         if not entry or entry.get("hash") != self.current_hash(step):
             return False
-        inputs = [step.input(u).key for u in STAGES[step.stage].inputs]
+        inputs = [u.key for u in active_inputs(step, self.config)]
         return all(stages.get(u, {}).get("run_id") == entry.get("inputs", {}).get(u)
                    for u in inputs)
 
@@ -130,7 +132,7 @@ class Run:
         return bool(entry) and entry.get("status") == "done" and self.is_current(step)
 
     def mark(self, step, status: str, **extra) -> dict:
-        from .graph import STAGES
+        from .graph import active_inputs
 
         step = self._step(step)
         manifest = self.manifest()
@@ -138,7 +140,7 @@ class Run:
         entry = {"status": status, "hash": self.current_hash(step),
                  "run_id": uuid.uuid4().hex[:12] if status == "done" else None,
                  "inputs": {u.key: stages.get(u.key, {}).get("run_id")
-                            for u in (step.input(n) for n in STAGES[step.stage].inputs)},
+                            for u in active_inputs(step, self.config)},
                  "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
         entry.update(extra)
         stages[step.key] = entry
@@ -211,16 +213,20 @@ class StepContext:
         return self.step.key
 
     def input(self, name: str) -> str:
-        """The output folder of input stage `name` for this step's round."""
-        from .graph import STAGES
-
-        if name != "dataset" and name not in STAGES[self.step.stage].inputs:
-            # a stage reads only what the graph says it reads: the hash depends on it
-            raise StageError(f"stage {self.step.stage} does not declare input {name!r}")
-        return self.run.step_path(self.step.input(name))
+        """The output folder of input stage `name` for this step (its round's, or the
+        round the graph says: the prior of round t reads round t-1's segmenter)."""
+        if name == "dataset":
+            return self.run.dataset_path
+        # a stage reads only what the graph says it reads: the hash depends on it
+        return self.run.step_path(self.step.input(name, self.config.loop))
 
     def input_key(self, name: str) -> str:
-        return self.step.input(name).key
+        return self.step.input(name, self.config.loop).key
+
+    def has_input(self, name: str) -> bool:
+        from .graph import active_inputs
+
+        return any(s.stage == name for s in active_inputs(self.step, self.config))
 
     @property
     def path(self) -> str:

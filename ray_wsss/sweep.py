@@ -64,6 +64,8 @@ TRAINABLES = {
     "refine": ("classifier", _sections("crf") + ("cams.scales", "cams.flip")),
     "classifier": ("dataset", _sections("classifier")),
     "pipeline": ("dataset", ("",)),
+    # the iterative loop, one round per training iteration: any key, `loop.*` above all
+    "iterations": ("dataset", ("",)),
 }
 TRAINABLE_SECTIONS = {k: v[1] for k, v in TRAINABLES.items()}
 SWEEP_DIRS = ("tuning",)
@@ -82,6 +84,7 @@ class SweepSpec:
     grace_period: int = 1
     max_concurrent: int = 2
     cpus_per_trial: float = 1.0
+    max_rounds: int = 3          # iterations: rounds run (and reported) per trial
     description: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -304,7 +307,86 @@ def pipeline_trial(point: dict, ctx: dict) -> None:
     tune.report(metrics)
 
 
-TRIALS = {"refine": refine_trial, "classifier": classifier_trial, "pipeline": pipeline_trial}
+def round_metrics(metrics: dict, t: int) -> dict:
+    """Round t's scores from metrics.json: seed / CRF mIoU of its evaluate step (or the
+    last round that has one: self-training reuses round 1's pseudo masks), the
+    segmentation model's val mIoU."""
+    suffix = "" if t == 1 else f"@{t}"
+    ev = metrics.get(f"evaluate{suffix}") or {}
+    model = (metrics.get(f"predict{suffix}") or {}).get("scores", {})
+    split = next(iter(model), None)
+    return {"round": t,
+            "seed_miou": 100 * ev.get("cams", {}).get("best", {}).get("miou", np.nan),
+            "crf_miou": 100 * ev.get("crf", {}).get("miou", np.nan),
+            "model_miou": 100 * model[split]["prediction"]["miou"] if split else np.nan}
+
+
+def seed_steps(base_root: str, root: str, config: PipelineConfig, rounds: int) -> int:
+    """Copy into a new trial's run directory the base run's steps (rounds 1..`rounds`)
+    that the trial would compute identically (same hash, same inputs: round 1 for a
+    sweep over loop keys, which round 1 does not read; every round for the base point),
+    so no trial redoes them. Returns the number of steps copied."""
+    import shutil
+
+    from .config import replace
+    from .graph import STAGES, active_inputs, steps
+
+    if storage.is_uri(root) or storage.exists(storage.join(root, "manifest.json")):
+        return 0
+    config = replace(config, **{"loop.rounds": rounds})
+    base = Run(config, base_root)
+    trial = Run(config, root)
+    done = []
+    for s in steps(config.loop):  # in order: a step is kept only with all its inputs
+        if s.stage != "report" and STAGES[s.stage].enabled(config) and base.is_done(s) \
+                and all(u.key in {d.key for d in done} for u in active_inputs(s, config)):
+            done.append(s)
+    if not done:
+        return 0
+    manifest = base.manifest()
+    keep = {s.key for s in done}
+    for s in done:
+        src = base.step_path(s)
+        if storage.exists(src) and s.stage != "evaluate" and src != trial.step_path(s):
+            shutil.copytree(src, trial.step_path(s), dirs_exist_ok=True)
+    storage.write_json_atomic(trial.manifest_path, {
+        **manifest, "stages": {k: v for k, v in manifest["stages"].items() if k in keep}})
+    metrics = {k: v for k, v in base.read_metrics().items() if k in keep}
+    storage.write_json_atomic(trial.path("metrics.json"), metrics)
+    return len(done)
+
+
+def iterations_trial(point: dict, ctx: dict) -> None:
+    """The iterative loop in the trial's own run directory, one round at a time, each
+    round a Tune report (training iteration = round): ASHA may stop a poor trial after
+    any round, and a trial never recomputes a round it made (raising loop.rounds reuses
+    the earlier rounds' steps). Steps of the base run that the trial would compute
+    identically (round 1, when only loop keys vary) are copied, not recomputed."""
+    from ray import tune
+
+    from .config import replace
+    from .pipeline import run_pipeline
+
+    trial = tune.get_context().get_trial_id()
+    root = storage.join(ctx["sweep_dir"], "runs", trial)
+    config = apply_point(ctx["config"], point, **{"run_dir": root, "report.num_images": 0})
+    if config.loop.feedback == "labels":  # self-training learns from CRF-refined predictions
+        config = replace(config, **{"predict.crf": True})
+    seed_steps(ctx["run_root"], root, config, ctx["max_rounds"])
+    best = (np.nan, 0)
+    for t in range(1, ctx["max_rounds"] + 1):
+        run = run_pipeline(replace(config, **{"loop.rounds": t}), run_dir=root)
+        metrics = round_metrics(run.read_metrics(), t)
+        if not best[0] >= metrics["model_miou"]:  # (nan compares false)
+            best = (metrics["model_miou"], t)
+        # the best T so far: the trial's last result says which round to stop at
+        metrics.update(best_model_miou=best[0], best_round=best[1])
+        _report_metrics(ctx["sweep"], metrics)
+        tune.report(metrics)
+
+
+TRIALS = {"refine": refine_trial, "classifier": classifier_trial, "pipeline": pipeline_trial,
+          "iterations": iterations_trial}
 
 
 # ---------------------------------------------------------------- the map cache
@@ -394,7 +476,7 @@ def run_sweep(config: PipelineConfig, run: Run, spec: SweepSpec, force: bool = F
     storage.makedirs(sweep_dir)
     ctx = {"config": config, "sweep": spec.name, "sweep_dir": sweep_dir, "run_root": run.root,
            "dataset": run.dataset_path, "n_labels": info.num_classes + 1,
-           "background": info.background}
+           "background": info.background, "max_rounds": spec.max_rounds}
     if spec.trainable == "refine":
         scales, flip = _cache_scales(spec, config)
         cache = storage.join(sweep_dir, f"cam_cache-{spec.digest()}")
@@ -414,9 +496,11 @@ def run_sweep(config: PipelineConfig, run: Run, spec: SweepSpec, force: bool = F
         scheduler = None
         if spec.scheduler == "asha":
             from ray.tune.schedulers import ASHAScheduler
+            horizon = (spec.max_rounds if spec.trainable == "iterations"
+                       else config.classifier.epochs)
             scheduler = ASHAScheduler(metric=spec.metric, mode=spec.mode,
                                       grace_period=spec.grace_period,
-                                      max_t=max(config.classifier.epochs, spec.grace_period))
+                                      max_t=max(horizon, spec.grace_period))
         elif spec.scheduler is not None:
             raise ConfigError(f"sweep {spec.name}: scheduler must be asha or null")
         tuner = tune.Tuner(

@@ -64,6 +64,11 @@ def each(rule: Rule, allow_empty: bool = False) -> Rule:
     return check
 
 
+def inside(low: float, high: float) -> Rule:
+    """The open interval (low, high)."""
+    return lambda v: None if low < v < high else f"is not in ({low:g}, {high:g})"
+
+
 def non_empty() -> Rule:
     return lambda values: None if len(values) else "is empty: give at least one value"
 
@@ -114,6 +119,18 @@ def _fit_rules(s: str) -> dict[str, Rule]:
         f"{s}.cpus_per_worker": at_least(1),
         f"{s}.torch_threads": at_least(1),
         f"{s}.max_failures": at_least(-1),   # Ray Train: -1 retries forever
+    }
+
+
+def _crf_kernel_rules(s: str) -> dict[str, Rule]:
+    """The dense-CRF kernel keys of section `s`."""
+    return {
+        f"{s}.iterations": at_least(0),
+        f"{s}.gaussian_sxy": above(0),
+        f"{s}.gaussian_compat": at_least(0),
+        f"{s}.bilateral_sxy": above(0),
+        f"{s}.bilateral_srgb": above(0),
+        f"{s}.bilateral_compat": at_least(0),
     }
 
 
@@ -179,6 +196,14 @@ RULES: dict[str, Rule] = {
     "evaluate.splits": non_empty(),
     "evaluate.thresholds": each(between(0, 1)),
     "evaluate.batch_size": at_least(1),
+    # the iterative loop
+    "loop.rounds": at_least(1),
+    "loop.alpha": each(at_least(0)),
+    "loop.batch_size": at_least(1),
+    "loop.num_actors": at_least(1),
+    "loop.cpus_per_actor": at_least(1),
+    "loop.gpus_per_actor": at_least(0),
+    "loop.torch_threads": at_least(1),
     # segmenter
     **_fit_rules("segmenter"),
     "segmenter.backbone": one_of(_backbones),
@@ -194,6 +219,38 @@ RULES: dict[str, Rule] = {
     "predict.cpus_per_actor": at_least(1),
     "predict.gpus_per_actor": at_least(0),
     "predict.torch_threads": at_least(1),
+    # affinity (IRN's labels and boundary network)
+    "affinity.fg_threshold": between(0, 1),
+    "affinity.bg_threshold": between(0, 1),
+    "affinity.label_crf.gt_prob": inside(0, 1),
+    **_crf_kernel_rules("affinity.label_crf"),
+    "affinity.radius": at_least(2),          # radius 1 has no pair
+    "affinity.epochs": at_least(1),
+    "affinity.batch_size": at_least(1),
+    "affinity.lr": above(0),
+    "affinity.momentum": between(0, 1, high_open=True),
+    "affinity.weight_decay": at_least(0),
+    "affinity.crop_size": at_least(MIN_CROP),
+    "affinity.scale_range": ordered_pair(above(0)),
+    "affinity.label_batch_size": at_least(1),
+    "affinity.num_workers": at_least(1),
+    "affinity.cpus_per_worker": at_least(1),
+    "affinity.torch_threads": at_least(1),
+    "affinity.max_failures": at_least(-1),
+    "affinity.label_cpus_per_task": above(0),
+    # random walk
+    "random_walk.radius": at_least(2),
+    "random_walk.beta": above(0),
+    "random_walk.steps": at_least(0),
+    "random_walk.background_threshold": between(0, 1),
+    "random_walk.background_power": at_least(0),
+    **_crf_kernel_rules("random_walk.crf"),
+    "random_walk.max_image_side": at_least(MIN_IMAGE_SIDE),
+    "random_walk.batch_size": at_least(1),
+    "random_walk.num_actors": at_least(1),
+    "random_walk.cpus_per_actor": at_least(1),
+    "random_walk.gpus_per_actor": at_least(0),
+    "random_walk.torch_threads": at_least(1),
     # explain
     "explain.methods": each(one_of(_methods)),
     "explain.splits": non_empty(),
@@ -211,7 +268,7 @@ RULES: dict[str, Rule] = {
 
 # Numeric keys that take any value of their type on purpose.
 UNCHECKED = {"data.demo.seed", "data.mask_offset", "classifier.seed", "cams.seed",
-             "segmenter.seed"}
+             "segmenter.seed", "affinity.seed"}
 
 
 def _lookup(config: Any, key: str) -> Any:
@@ -233,6 +290,48 @@ def validate(config: PipelineConfig) -> None:
         if problem:
             shown = list(value) if isinstance(value, tuple) else value
             raise ConfigError(f"{key}: {shown!r} {problem}")
+    for check in CROSS_CHECKS:
+        problem = check(config)
+        if problem:
+            raise ConfigError(problem)
+
+
+def _random_walk_masks(config) -> str | None:
+    if config.segmenter.masks == "random_walk" and not config.random_walk.enabled:
+        return ("segmenter.masks: 'random_walk' needs random_walk.enabled: true (the "
+                "stages affinity_labels, affinity and random_walk make those masks)")
+    return None
+
+
+def _random_walk_train_cams(config) -> str | None:
+    split = config.classifier.train_split
+    if config.random_walk.enabled and split not in config.cams.splits:
+        return (f"random_walk.enabled: the affinity labels come from the CAMs of the train "
+                f"split {split!r}, which cams.splits {list(config.cams.splits)} leaves out")
+    return None
+
+
+def _self_training_needs_crf(config: PipelineConfig) -> "str | None":
+    loop = config.loop
+    if loop.rounds > 1 and loop.feedback == "labels" and not config.predict.crf:
+        return ("loop.feedback: labels fits each round's segmentation model on the "
+                "previous round's CRF-refined predictions: set predict.crf: true")
+    return None
+
+
+def _loop_prior_needs_train_cams(config: PipelineConfig) -> "str | None":
+    loop = config.loop
+    if loop.rounds > 1 and loop.feedback == "prior" and \
+            config.classifier.train_split not in config.cams.splits:
+        return (f"loop.rounds > 1: the prior is made for the images of cams.splits, which "
+                f"must hold the classifier's train split {config.classifier.train_split!r}")
+    return None
+
+
+# Rules over several keys: each returns what is wrong (naming the keys), or None.
+CROSS_CHECKS: tuple[Callable[[PipelineConfig], "str | None"], ...] = (
+    _random_walk_masks, _random_walk_train_cams, _self_training_needs_crf,
+    _loop_prior_needs_train_cams)
 
 
 def numeric_keys(cls: type = PipelineConfig, prefix: str = "") -> list[str]:

@@ -26,7 +26,8 @@ TINY_OVERRIDES = [
     "classifier.torch_threads=2",
     "cams.scales=[1.0,0.5]", "cams.torch_threads=2", "cams.batch_size=16",
     "cams.num_actors=1",
-    "segmenter.epochs=4", "segmenter.torch_threads=2", "predict.torch_threads=2",
+    "segmenter.epochs=3", "segmenter.torch_threads=2", "predict.torch_threads=2",
+    "predict.splits=[val]",
     "report.num_images=4", "ray.progress_bars=false",
 ]
 

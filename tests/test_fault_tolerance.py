@@ -134,3 +134,37 @@ def test_a_training_worker_killed_mid_epoch_resumes_from_its_checkpoint(copy_run
     history = run.read_metrics()["classifier"]["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert history[0]["restarts"] == 0 and history[-1]["restarts"] >= 1
+
+
+def test_a_segmenter_worker_killed_mid_epoch_resumes_from_its_checkpoint(small_run):
+    """The segmenter's fit goes through the same fit plumbing as the classifier's: a
+    worker killed after the first epoch's checkpoint resumes there (epoch 1 is not
+    trained again) and the exported model is the last epoch's."""
+    run, _ = small_run
+    cfg = tiny_config(run.root, ["segmenter.epochs=3", "segmenter.max_failures=2",
+                                 "segmenter.batch_size=8"])
+    run = Run(cfg)
+    fits = os.path.join(run.root, "segmenter", "ray_train", "fit-*")
+    old = set(glob.glob(fits))
+    t, box = _in_thread(lambda: run_stage("segmenter", cfg, run, force=True,
+                                          check_upstream=False))
+
+    def first_checkpoint_registered():
+        for fit in set(glob.glob(fits)) - old:
+            try:
+                with open(os.path.join(fit, "checkpoint_manager_snapshot.json")) as fh:
+                    results = json.load(fh)["checkpoint_results"]
+            except (OSError, ValueError, KeyError):
+                continue
+            if any(r["metrics"].get("epoch") == 1 for r in results):
+                return True
+        return False
+    _kill_when("RayTrainWorker", first_checkpoint_registered, timeout=240)
+    t.join(400)
+    assert "error" not in box, box.get("error")
+    history = run.read_metrics()["segmenter"]["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert history[0]["restarts"] == 0 and history[-1]["restarts"] >= 1
+    assert json.load(open(os.path.join(run.root, "segmenter", "model.json")))["epochs"] == 3
+    # only this computation's checkpoints are left
+    assert len(glob.glob(fits)) == 1

@@ -9,7 +9,7 @@ import pytest
 
 from ray_wsss import graph
 from ray_wsss.config import load_config
-from ray_wsss.errors import StageError
+from ray_wsss.errors import ConfigError, StageError
 from ray_wsss.graph import STAGES, Step, steps
 from ray_wsss.run import Run, StepContext
 
@@ -39,6 +39,7 @@ def test_round_one_hashes_equal_those_of_the_first_release(name, tmp_path):
 
 def test_every_stage_is_one_entry_with_an_explicit_entry_function():
     assert graph.STAGE_NAMES == ("dataset", "classifier", "cams", "crf", "evaluate",
+                                 "affinity_labels", "affinity", "random_walk",
                                  "segmenter", "predict", "report")
     for stage in STAGES.values():
         assert list(inspect.signature(stage.entry).parameters)[:2] == ["config", "ctx"]
@@ -142,3 +143,51 @@ def test_stale_progress_bar_cleanup_survives_a_changed_ray(monkeypatch):
     close_stale_progress_bars()   # must not raise
     monkeypatch.setattr(tqdm_ray, "_manager", object(), raising=False)
     close_stale_progress_bars()
+
+
+def _demo_run(tmp_path, *overrides):
+    return Run(load_config(os.path.join(REPO, "configs", "demo.yaml"),
+                           [f"run_dir={tmp_path}", *overrides]))
+
+
+def test_the_random_walk_switch_off_leaves_every_other_step_as_it_was(tmp_path):
+    """Off (the default), the random-walk stages are nobody's input: their keys change
+    no other step's hash. On, only the report (and the segmenter, when it learns from
+    the random-walk masks) reads them."""
+    keys = ("dataset", "classifier", "cams", "crf", "evaluate", "segmenter", "predict",
+            "report")
+    off = _demo_run(tmp_path)
+    base = {k: off.current_hash(k) for k in keys}
+    tweaked = _demo_run(tmp_path, "random_walk.beta=5", "affinity.epochs=1",
+                        "affinity.fg_threshold=0.4")
+    assert {k: tweaked.current_hash(k) for k in keys} == base
+    assert all(not STAGES[s].enabled(off.config)
+               for s in ("affinity_labels", "affinity", "random_walk"))
+    on = _demo_run(tmp_path, "random_walk.enabled=true")
+    changed = [k for k in keys if on.current_hash(k) != base[k]]
+    assert changed == ["report"]
+    walk = _demo_run(tmp_path, "random_walk.enabled=true", "segmenter.masks=random_walk")
+    assert [k for k in keys if walk.current_hash(k) != base[k]] == ["segmenter", "predict",
+                                                                    "report"]
+    assert [u.key for u in graph.active_inputs(Step("segmenter"), walk.config)] == [
+        "classifier", "cams", "crf", "random_walk"]
+    with pytest.raises(ConfigError, match="segmenter.masks: 'random_walk' needs "
+                                          "random_walk.enabled: true"):
+        _demo_run(tmp_path, "segmenter.masks=random_walk")
+
+
+def test_affinity_labels_depend_on_their_own_keys_only(tmp_path):
+    """The label stage hashes the thresholds and the label CRF; the fit's keys (epochs,
+    lr, crop) rerun the fit, not the labels' CRFs."""
+    on = ["random_walk.enabled=true"]
+    base = _demo_run(tmp_path, *on)
+    fit = _demo_run(tmp_path, *on, "affinity.epochs=1", "affinity.lr=0.05")
+    label = _demo_run(tmp_path, *on, "affinity.label_crf.gt_prob=0.8")
+    resource = _demo_run(tmp_path, *on, "affinity.num_workers=2",
+                         "affinity.label_batch_size=3")
+    assert fit.current_hash("affinity_labels") == base.current_hash("affinity_labels")
+    assert fit.current_hash("affinity") != base.current_hash("affinity")
+    assert label.current_hash("affinity_labels") != base.current_hash("affinity_labels")
+    assert label.current_hash("affinity") != base.current_hash("affinity")
+    assert [resource.current_hash(k) for k in ("affinity_labels", "affinity")] == \
+        [base.current_hash(k) for k in ("affinity_labels", "affinity")]

@@ -122,3 +122,24 @@ def test_every_numeric_key_has_a_rule_or_is_unchecked_on_purpose():
     missing = [k for k in numeric_keys() if k not in RULES and k not in UNCHECKED]
     assert not missing, (f"numeric config keys without a range rule: {missing}; add them to "
                          "ray_wsss/validate.py RULES (or UNCHECKED if any value is fine)")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("affinity.fg_threshold=1.2", "affinity.fg_threshold: 1.2 is not in [0, 1]"),
+    ("affinity.label_crf.gt_prob=1.0", "affinity.label_crf.gt_prob: 1.0 is not in (0, 1)"),
+    ("affinity.radius=1", "affinity.radius: 1 is below the minimum 2"),
+    ("affinity.crop_size=8", "affinity.crop_size: 8 is below the minimum 16"),
+    ("random_walk.beta=0", "random_walk.beta: 0.0 must be greater than 0"),
+    ("random_walk.crf.bilateral_srgb=0", "random_walk.crf.bilateral_srgb: 0.0 must be"),
+    ("random_walk.background_threshold=2", "random_walk.background_threshold: 2.0 is not"),
+    # keys over sections
+    ("segmenter.masks=random_walk", "segmenter.masks: 'random_walk' needs "
+                                    "random_walk.enabled: true"),
+    ("cams.splits=[val]", "random_walk.enabled: the affinity labels come from the CAMs of "
+                          "the train split 'train'"),
+])
+def test_the_random_walk_keys_are_checked_at_load(override, message):
+    extra = ["random_walk.enabled=true"] if override.startswith("cams.") else []
+    with pytest.raises(ConfigError) as err:
+        load_config(DEMO, [*extra, override])
+    assert str(err.value).startswith(f"{DEMO}: {message}")

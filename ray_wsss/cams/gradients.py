@@ -17,12 +17,17 @@
   tanh(`layercam_gamma` * M) (the paper's eq. 9; TorchCAM applies it to every stage) and
   resized to the first stage's size; the fused map is their element-wise maximum.
 
-One forward with autograd serves all classes: for each chunk of `grad_chunk` classes one
-backward with `is_grads_batched` gives d(sum_b s_u(x_b))/dx for every class u of the
-chunk (images are independent in eval mode, so the sum over images separates). SmoothGrad
-repeats this per noisy copy of the batch. The noise of copy i is one (1, 3, h, w) draw
-from a generator seeded with `seed`, scaled per image, so an image gets the same noise in
-any batch.
+One forward with autograd serves all classes: the wanted (image, class) pairs are packed
+into jobs, job j giving each image the gradient of its own j-th wanted class
+(`methods.class_objectives`; images are independent in eval mode, so d(sum_b
+s_{u_b}(x_b))/dx_b = ds_{u_b}(x_b)/dx_b), and each chunk of `grad_chunk` jobs is one
+backward with `is_grads_batched`. Images that want different numbers of classes go in
+separate sub-batches (`by_class_count`), so a batch costs one forward per image and one
+backward per wanted (image, class) pair, batched over the images. FullGrad keeps the
+gradient of every biased layer's output until it is reduced, so it takes one job per
+backward (still all images at once). SmoothGrad repeats all this per noisy copy of the
+batch; the noise of copy i is one (1, 3, h, w) draw from a generator seeded with `seed`,
+scaled per image, so an image gets the same noise in any batch.
 """
 from __future__ import annotations
 
@@ -48,8 +53,9 @@ def batched_grads(outputs: torch.Tensor, inputs: Sequence[torch.Tensor],
     per input, d(sum_b coeffs[j, b] . outputs[b])/d input stacked over the chunk's jobs
     (j, *input.shape). Returns the reduced chunks concatenated (J, ...)."""
     parts = []
-    for i in range(0, coeffs.shape[0], max(1, chunk)):
-        grads = torch.autograd.grad(outputs, list(inputs), grad_outputs=coeffs[i:i + chunk],
+    step = max(1, chunk)
+    for i in range(0, coeffs.shape[0], step):
+        grads = torch.autograd.grad(outputs, list(inputs), grad_outputs=coeffs[i:i + step],
                                     is_grads_batched=True, retain_graph=True)
         parts.append(reduce_fn(grads))
         del grads
@@ -64,11 +70,42 @@ def _explain(model, images, classes, opts, forward: Callable, reduce_fn: Callabl
     opts = _options(opts)
     with torch.enable_grad():
         logits, inputs = forward(images)
-        wanted, coeffs = class_objectives(classes.to(logits.dtype))
-        if not wanted:
-            return logits.new_zeros((*classes.shape, *images.shape[2:])), logits.detach()
-        per_class = batched_grads(logits, inputs, coeffs, reduce_fn, opts.grad_chunk)
-    return scatter_maps(per_class.detach(), wanted, classes), logits.detach()
+        index, coeffs = class_objectives(classes.to(logits.dtype))
+        if not len(index):  # no class wanted: zero maps at the largest input's size
+            size = max((t.shape[2:] for t in inputs), key=lambda s: s[0] * s[1])
+            return logits.new_zeros((*classes.shape, *size)), logits.detach()
+        per_job = batched_grads(logits, inputs, coeffs, reduce_fn, opts.grad_chunk)
+    return scatter_maps(per_job.detach(), index, classes), logits.detach()
+
+
+def by_class_count(method: Callable) -> Callable:
+    """Run `method` on the sub-batches of images that want the same number of classes.
+    Job j of a backward differentiates every image of the batch, also those with fewer
+    than j + 1 classes (their rows are zero but cost the same), so a mixed batch would
+    pay (images x the most classes of one image) backwards through the whole model; by
+    groups it pays one backward per wanted (image, class) pair, as a per-image loop does,
+    with the batch's efficiency."""
+    def grouped(model, images, classes, opts=None):
+        counts = (classes > 0).sum(1)
+        sizes = counts.unique()
+        if len(sizes) <= 1:
+            return method(model, images, classes, opts)
+        maps = logits = None
+        for n in sorted(sizes.tolist(), reverse=True):   # images that want none: last
+            idx = torch.nonzero(counts == n).flatten()
+            if n == 0:
+                with torch.no_grad():
+                    logits[idx] = model(images[idx]).to(logits.dtype)
+                continue
+            m, lg = method(model, images[idx], classes[idx], opts)
+            if maps is None:
+                maps = m.new_zeros((len(images), *m.shape[1:]))
+                logits = lg.new_zeros((len(images), *lg.shape[1:]))
+            maps[idx], logits[idx] = m, lg
+        return maps, logits
+    grouped.__name__ = grouped.__qualname__ = method.__name__
+    grouped.__doc__ = method.__doc__
+    return grouped
 
 
 def _saliency(grads) -> torch.Tensor:
@@ -76,6 +113,7 @@ def _saliency(grads) -> torch.Tensor:
     return grads[0].abs().amax(dim=2)
 
 
+@by_class_count
 def gradient(model, images, classes, opts=None):
     def forward(x):
         x = x.detach().requires_grad_(True)
@@ -168,12 +206,13 @@ def _psi(term: torch.Tensor, size) -> torch.Tensor:
     return m
 
 
+@by_class_count
 def fullgrad(model, images, classes, opts=None):
     from .methods import class_objectives, scatter_maps
 
     opts = _options(opts)
     size = images.shape[2:]
-    wanted, coeffs = class_objectives(classes.to(images.dtype))
+    index, coeffs = class_objectives(classes.to(images.dtype))
 
     def reduce(input_term, bias_terms):
         total = _psi(input_term, size)
@@ -181,13 +220,16 @@ def fullgrad(model, images, classes, opts=None):
             total = total + _psi(t, size)
         return total
 
-    if not wanted:
+    if not len(index):
         with torch.no_grad():
             return images.new_zeros((*classes.shape, *size)), model(images)
-    per_class, logits = fullgrad_terms(model, images, coeffs, reduce, opts.grad_chunk)
-    return scatter_maps(per_class.detach(), wanted, classes), logits
+    # one class per backward: the gradients of every biased layer's output are all held
+    # until reduced, so a chunk of J classes would hold J copies of the activations
+    per_job, logits = fullgrad_terms(model, images, coeffs, reduce, chunk=1)
+    return scatter_maps(per_job.detach(), index, classes), logits
 
 
+@by_class_count
 def layercam_fused(model, images, classes, opts=None):
     opts = _options(opts)
     if not hasattr(model.backbone, "forward_stages"):

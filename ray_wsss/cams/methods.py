@@ -14,7 +14,6 @@ Test-time augmentation and normalisation are `tta.py`'s job.
   the input masked by the min-max normalised, upsampled A_k.
 - `minmax`, `d-minmax`, `minmax-gradcam` (David, Pedrini and Dias, 2022): the weights of
   class u minus those of the other classes in D (and, for D-MinMax, a background term).
-
 - `hirescam` (Draelos and Carin, 2020): M_c = ReLU(sum_k ds_c/dA_k (.) A_k), element-wise,
   no spatial averaging of the gradient.
 - `xgradcam` (Fu et al., BMVC 2020): alpha_k^c = sum_xy A_k(x, y) / (sum_ab A_k(a, b))
@@ -31,16 +30,20 @@ Test-time augmentation and normalisation are `tta.py`'s job.
 
 Gradient methods on A need ds/dA only, so the backbone runs once without autograd and
 only the head is differentiated, for all requested classes in one batched backward
-(`is_grads_batched`). CAM and the MinMax family need no backward at all. Eigen-CAM's
+(`is_grads_batched`): job j of that backward gives every image the gradient of its own
+j-th wanted class (`class_objectives`), so a batch needs as many jobs as the most
+classes one image wants. CAM and the MinMax family need no backward at all. Eigen-CAM's
 principal directions come from one batched SVD over the images (and, for Eigen-Grad-CAM,
 the classes); Ablation-CAM runs the head on `ablation_batch` copies of the features at a
 time, each with one channel of one image zeroed, and reads every class's score change
 from the same forward.
 
 The sign of a principal direction is arbitrary; Eigen-CAM and Eigen-Grad-CAM orient it
-so that its channel weights sum to >= 0, i.e. the projection grows with the total
-activation (of A, or of A (.) ds_c/dA: the HiResCAM map before its ReLU). Reference
-code leaves the sign to the SVD, so a map can come out inverted.
+so that its channel weights sum to >= 0, which makes the projection correlate positively
+with the total activation (sum_k A_k, or for Eigen-Grad-CAM the HiResCAM map before its
+ReLU); the ReLU then keeps its positive side. Reference code leaves the sign to the SVD,
+so a map can come out inverted. Ablation-CAM sets the ablated channel to zero, as the
+paper does.
 """
 from __future__ import annotations
 
@@ -142,41 +145,54 @@ def head_weights(model, feats: torch.Tensor, coeffs: torch.Tensor, weights_fn,
 
 
 def class_objectives(classes: torch.Tensor, objective: str = "plain",
-                     opts: MethodOptions = MethodOptions()) -> tuple[list[int], torch.Tensor]:
-    """The classes to explain (those any image wants) and, per class u, the coefficients
-    (J, B, K) of the objective whose gradient explains u: s_u, or for `minmax` J_u =
-    l_pos s_u - l_neg / max(|D|-1, 1) * sum_{d in D, d != u} s_d."""
-    wanted = torch.nonzero(classes.any(0)).flatten().tolist()
+                     opts: MethodOptions = MethodOptions()) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward jobs for the (image, class) pairs wanted, packed: job j of image b explains
+    the j-th class that image b wants, so J = the most classes one image wants (not the
+    number of classes the batch wants: an image's rows for the others' classes would be
+    differentiated for nothing). Images are independent, so one backward of
+    sum_b coeffs[j, b] . s_b gives every image its own class's gradient.
+
+    Returns index (J, B) long, the class of each job (-1: none), and coeffs (J, B, K) of
+    the objective whose gradient explains class u of image b: s_u, or for `minmax`
+    J_u = l_pos s_u - l_neg / max(|D|-1, 1) * sum_{d in D, d != u} s_d."""
+    wants = classes > 0
     b, k = classes.shape
-    coeffs = torch.zeros(len(wanted), b, k, device=classes.device, dtype=classes.dtype)
-    for j, u in enumerate(wanted):
-        if objective == "minmax":
-            others = classes.clone()
-            others[:, u] = 0
-            coeffs[j] = -opts.lambda_neg * others / _others(classes)[:, :, 0]
-        coeffs[j, :, u] = opts.lambda_pos if objective == "minmax" else 1.0
-    return wanted, coeffs
+    n = int(wants.sum(1).max()) if b else 0
+    index = torch.full((n, b), -1, dtype=torch.long, device=classes.device)
+    coeffs = torch.zeros(n, b, k, device=classes.device, dtype=classes.dtype)
+    for i in range(b):
+        cs = torch.nonzero(wants[i]).flatten()
+        index[:len(cs), i] = cs
+        for j, u in enumerate(cs.tolist()):
+            if objective == "minmax":
+                others = wants[i].to(classes.dtype)
+                others[u] = 0
+                coeffs[j, i] = -opts.lambda_neg * others / max(int(wants[i].sum()) - 1, 1)
+                coeffs[j, i, u] = opts.lambda_pos
+            else:
+                coeffs[j, i, u] = 1.0
+    return index, coeffs
 
 
-def scatter_maps(per_class: torch.Tensor, wanted: list[int], classes: torch.Tensor
+def scatter_maps(per_job: torch.Tensor, index: torch.Tensor, classes: torch.Tensor
                  ) -> torch.Tensor:
-    """ReLU'd maps of the explained classes (J, B, h, w) -> (B, K, h, w), zero where an
-    image does not want the class."""
+    """ReLU'd maps of the jobs of `class_objectives` (J, B, h, w) -> (B, K, h, w), zero
+    where an image does not want the class."""
     b, k = classes.shape
-    maps = per_class.new_zeros((b, k, *per_class.shape[2:]))
-    if wanted:
-        maps[:, wanted] = F.relu(per_class).permute(1, 0, 2, 3)
-    return maps * classes[:, :, None, None].to(maps.dtype)
+    maps = per_job.new_zeros((b, k, *per_job.shape[2:]))
+    j, i = torch.nonzero(index >= 0, as_tuple=True)
+    maps[i, index[j, i]] = F.relu(per_job[j, i])
+    return maps
 
 
 def _grad_method(weights_fn, objective: str = "plain"):
     """Methods with channel weights from ds/dA: M = ReLU(sum_k alpha_k A_k)."""
     def method(model, images, classes, opts: MethodOptions = MethodOptions()):
         feats = _features(model, images)
-        wanted, coeffs = class_objectives(classes.to(feats.dtype), objective, opts)
+        index, coeffs = class_objectives(classes.to(feats.dtype), objective, opts)
         alpha, logits = head_weights(model, feats, coeffs, weights_fn, opts.grad_chunk)
         m = torch.einsum("bchw,jbc->jbhw", feats, alpha)
-        return scatter_maps(m, wanted, classes), logits
+        return scatter_maps(m, index, classes), logits
     return method
 
 
@@ -185,9 +201,13 @@ def _grad_map_method(maps_fn):
     `maps_fn(grads (j, B, C, h, w), feats (B, C, h, w)) -> (j, B, h, w)`."""
     def method(model, images, classes, opts: MethodOptions = MethodOptions()):
         feats = _features(model, images)
-        wanted, coeffs = class_objectives(classes.to(feats.dtype))
+        index, coeffs = class_objectives(classes.to(feats.dtype))
+        if not len(index):
+            with torch.no_grad():
+                return (feats.new_zeros((*classes.shape, *feats.shape[2:])),
+                        model.logits_from_features(feats))
         m, logits = head_weights(model, feats, coeffs, maps_fn, opts.grad_chunk)
-        return scatter_maps(m, wanted, classes), logits
+        return scatter_maps(m, index, classes), logits
     return method
 
 

@@ -29,23 +29,30 @@ class CamPredictor:
     def __init__(self, model_dir: str, method: str, scales, flip: bool, threads: int = 1,
                  use_gpu: bool = False, options: dict | None = None,
                  max_side: int | None = None, mcis: dict | None = None,
-                 allow_cpu_fallback: bool = False):
+                 allow_cpu_fallback: bool = False, prior_channels: int = 0):
         from .methods import get_method
         from .predict import MapMaker
 
         self.maker = MapMaker(model_dir, scales, flip, threads, use_gpu, options, max_side,
                               mcis, allow_cpu_fallback)
         self.method = get_method(method)
+        self.prior_channels = prior_channels
 
     def __call__(self, batch: dict) -> dict:
+        from ..data.transforms import decode_prior, with_prior
+
         images = [decode_image(d, f"image_id {i}") for d, i in zip(batch["image"],
                                                                      batch["image_id"])]
+        if self.prior_channels:  # the loop's prior: extra channels through every TTA step
+            images = [with_prior(img, decode_prior(p, f"image_id {i}"))
+                      for img, p, i in zip(images, batch["prior"], batch["image_id"])]
         vectors = label_matrix(batch["label_vector"])
         maps, probs = self.maker.maps(self.method, images,
                                       [vector_to_labels(v) - 1 for v in vectors],
                                       ids=[str(i) for i in batch["image_id"]])
         out = {k: batch[k] for k in PASSTHROUGH}
         out["label_vector"] = vectors
+        out.pop("prior", None)
         out["height"] = np.array([im.shape[0] for im in images], np.int32)
         out["width"] = np.array([im.shape[1] for im in images], np.int32)
         out["cam"] = np.array([encode_array(m) for m in maps], dtype=object)
@@ -77,8 +84,10 @@ def method_options(cfg) -> dict:
             "lambda_bg": cfg.lambda_bg, "scorecam_batch": cfg.scorecam_batch}
 
 
-def cam_dataset(config, dataset_path: str, model_dir: str, splits=None):
-    """The (lazy) Ray Dataset of CAM rows for `splits` (default: cams.splits)."""
+def cam_dataset(config, dataset_path: str, model_dir: str, splits=None,
+                prior: str | None = None):
+    """The (lazy) Ray Dataset of CAM rows for `splits` (default: cams.splits);
+    `prior`: the folder of the loop's prior for a round t >= 2 classifier."""
     from ..runtime import gpus_usable
 
     cfg = config.cams
@@ -87,13 +96,20 @@ def cam_dataset(config, dataset_path: str, model_dir: str, splits=None):
                           "cams.gpus_per_actor", probe_gpus=cfg.gpus_per_actor)
     ds = open_dataset(dataset_path, list(PASSTHROUGH), splits or list(cfg.splits),
                       rows_per_block=cfg.batch_size)
+    channels = 0
+    if prior is not None:
+        from ..data.join import with_columns
+        from ..models.registry import read_spec
+
+        channels = read_spec(model_dir).get("prior_channels", 0)
+        ds = with_columns(ds, prior, ["prior"])
     return map_with_model(
         ds, CamPredictor,
         {"model_dir": model_dir, "method": cfg.method, "scales": cfg.scales,
          "flip": cfg.flip, "threads": cfg.torch_threads or cfg.cpus_per_actor,
          "use_gpu": use_gpu, "options": method_options(cfg),
          "max_side": cfg.max_image_side, "mcis": mcis_bank(config, dataset_path),
-         "allow_cpu_fallback": config.ray.allow_cpu_fallback},
+         "allow_cpu_fallback": config.ray.allow_cpu_fallback, "prior_channels": channels},
         ActorResources.of(cfg, "cams") if use_gpu or cfg.gpus_per_actor == 0 else
         ActorResources(cfg.num_actors or 1, cfg.cpus_per_actor, 0.0, "cams"), cfg.batch_size)
 
@@ -107,6 +123,11 @@ def run(config, ctx) -> dict:
             storage.join(model_dir, "model.json")).get("mcis"):
         raise ConfigError("cams.mcis_peers > 0 needs a classifier trained with "
                           "regularizers.mcis.enabled: true")
+    prior = ctx.input("prior") if ctx.has_input("prior") else None
+    if prior is not None and config.cams.mcis_peers > 0:
+        raise ConfigError("cams.mcis_peers with loop.rounds > 1 is not supported (the "
+                          "peers' priors are not joined)")
     with ctx.output() as out:
-        write_parquet(cam_dataset(config, ctx.dataset_path, model_dir), out, config.ray)
+        write_parquet(cam_dataset(config, ctx.dataset_path, model_dir, prior=prior), out,
+                      config.ray)
     return {}

@@ -98,7 +98,9 @@ def with_columns(ds, path: str, columns: Sequence[str], missing_ok: bool = False
     """`ds` with `columns` of the rows of folder `path` joined on image_id (streaming).
 
     One light actor by default (the lookup is I/O, not compute); more on a cluster
-    where the stream is wide."""
+    where the stream is wide. The actor holds no CPU: beside a model's actor pool that
+    takes all CPUs but one (actors.actor_count), a lookup holding part of the last CPU
+    would starve the read tasks that feed both (the stage would hang)."""
     import ray.data
 
     return ds.map_batches(
@@ -106,7 +108,7 @@ def with_columns(ds, path: str, columns: Sequence[str], missing_ok: bool = False
                                              "columns": list(columns),
                                              "missing_ok": missing_ok},
         compute=ray.data.ActorPoolStrategy(size=max(1, actors)), batch_size=batch_size,
-        batch_format="numpy", num_cpus=0.5)
+        batch_format="numpy", num_cpus=0)
 
 
 def read_joined(paths_columns: Sequence[tuple[str, Sequence[str]]],

@@ -17,14 +17,37 @@ from .dataset import label_matrix
 PAD_VALUE = (124, 116, 104)  # about the ImageNet mean: padding looks like "nothing"
 
 
+def pad_value(channels: int) -> np.ndarray:
+    """PAD_VALUE for the colour channels, 0 for extra channels (the loop's prior)."""
+    return np.array(list(PAD_VALUE) + [0] * (channels - 3), np.uint8)
+
+
+def with_prior(image: np.ndarray, prior: np.ndarray | None) -> np.ndarray:
+    """(H, W, 3) image and (C, H, W) uint8 prior -> (H, W, 3 + C): the prior travels
+    through every transform as extra channels, so it stays aligned with the image."""
+    if prior is None:
+        return image
+    if prior.shape[1:] != image.shape[:2]:
+        raise DataError(f"prior is {prior.shape[2]}x{prior.shape[1]}, the image "
+                        f"{image.shape[1]}x{image.shape[0]}")
+    return np.ascontiguousarray(np.concatenate([image, prior.transpose(1, 2, 0)], axis=2))
+
+
+def _resize(img: np.ndarray, size: tuple[int, int], interpolation) -> np.ndarray:
+    """cv2.resize of any channel count (OpenCV drops a single channel's axis)."""
+    out = cv2.resize(img, size, interpolation=interpolation)
+    return out[..., None] if out.ndim == 2 and img.ndim == 3 else out
+
+
 def random_scale_crop(img: np.ndarray, size: int, scale: float, rng: np.random.Generator
                       ) -> np.ndarray:
-    """Rescale by `scale`, then take a random size x size crop (padding when smaller)."""
+    """Rescale by `scale`, then take a random size x size crop (padding when smaller).
+    img: (H, W, C) with C >= 3 (extra channels padded with 0)."""
     h, w = img.shape[:2]
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    img = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_LINEAR)
-    out = np.empty((size, size, 3), np.uint8)
-    out[:] = PAD_VALUE
+    img = _resize(img, (nw, nh), cv2.INTER_LINEAR)
+    out = np.empty((size, size, img.shape[2]), np.uint8)
+    out[:] = pad_value(img.shape[2])
     # crop window in the image and its place in the output
     cy = int(rng.integers(0, nh - size + 1)) if nh > size else 0
     cx = int(rng.integers(0, nw - size + 1)) if nw > size else 0
@@ -39,6 +62,8 @@ def color_jitter(img: np.ndarray, strength: float, rng: np.random.Generator) -> 
     """Brightness, contrast and saturation factors in [1 - s, 1 + s], random order."""
     if strength <= 0:
         return img
+    if img.shape[2] > 3:  # only the colours: the prior channels are not a picture
+        return np.concatenate([color_jitter(img[..., :3], strength, rng), img[..., 3:]], 2)
     x = img.astype(np.float32)
     for op in rng.permutation(3):
         f = rng.uniform(1 - strength, 1 + strength)
@@ -57,9 +82,9 @@ def letterbox(img: np.ndarray, size: int) -> np.ndarray:
     h, w = img.shape[:2]
     s = size / max(h, w)
     nh, nw = max(1, round(h * s)), max(1, round(w * s))
-    img = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
-    out = np.empty((size, size, 3), np.uint8)
-    out[:] = PAD_VALUE
+    img = _resize(img, (nw, nh), cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
+    out = np.empty((size, size, img.shape[2]), np.uint8)
+    out[:] = pad_value(img.shape[2])
     oy, ox = (size - nh) // 2, (size - nw) // 2
     out[oy:oy + nh, ox:ox + nw] = img
     return out
@@ -69,21 +94,27 @@ class TrainTransform:
     """Random scale, crop, horizontal flip and colour jitter (IRN / Puzzle-CAM style)."""
 
     def __init__(self, crop_size: int, scale_range: tuple[float, float] = (0.7, 1.3),
-                 hflip: bool = True, color_jitter: float = 0.3, seed: int | None = None):
+                 hflip: bool = True, color_jitter: float = 0.3, seed: int | None = None,
+                 prior_channels: int = 0):
         self.crop_size = crop_size
         self.scale_range = scale_range
         self.hflip = hflip
         self.jitter = color_jitter
         self.seed = seed
+        self.prior_channels = prior_channels  # the loop's prior, a `prior` column
 
     def __call__(self, batch: dict) -> dict:
         # A fresh generator per batch: Ray Data ships one pickled copy of this object to
         # every task, so a generator kept on it would repeat the same draws every epoch.
         rng = np.random.default_rng(self.seed)
-        out = np.empty((len(batch["image"]), self.crop_size, self.crop_size, 3), np.uint8)
+        out = np.empty((len(batch["image"]), self.crop_size, self.crop_size,
+                        3 + self.prior_channels), np.uint8)
         ids = batch.get("image_id")
         for i, data in enumerate(batch["image"]):
-            img = decode_image(data, f"image_id {ids[i]}" if ids is not None else "image")
+            where = f"image_id {ids[i]}" if ids is not None else "image"
+            img = decode_image(data, where)
+            if self.prior_channels:
+                img = with_prior(img, decode_prior(batch["prior"][i], where))
             scale = rng.uniform(*self.scale_range)
             img = random_scale_crop(img, self.crop_size, scale, rng)
             if self.hflip and rng.random() < 0.5:
@@ -95,12 +126,32 @@ class TrainTransform:
 class EvalTransform:
     """Letterbox to a fixed size, for batched validation."""
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, prior_channels: int = 0):
         self.size = size
+        self.prior_channels = prior_channels
 
     def __call__(self, batch: dict) -> dict:
-        out = np.stack([letterbox(decode_image(d), self.size) for d in batch["image"]])
+        images = [decode_image(d) for d in batch["image"]]
+        if self.prior_channels:
+            images = [with_prior(img, decode_prior(p, "val image", img.shape[:2],
+                                                   self.prior_channels))
+                      for img, p in zip(images, batch["prior"])]
+        out = np.stack([letterbox(img, self.size) for img in images])
         return {"image": out, "label_vector": label_matrix(batch["label_vector"])}
+
+
+def decode_prior(data, where: str, size: tuple[int, int] | None = None,
+                 channels: int = 1) -> np.ndarray:
+    """The stored prior (.npy uint8 (C, H, W)); None (an image without one) reads as
+    zeros of `size` when given."""
+    from .codecs import decode_array
+
+    if data is None:
+        if size is None:
+            raise DataError("no prior for this image (the prior step covers the previous "
+                            "round's CAM splits)", row=where)
+        return np.zeros((channels,) + tuple(size), np.uint8)
+    return decode_array(data, f"prior of {where}").astype(np.uint8)
 
 
 # ---------------------------------------------------------------- segmentation

@@ -23,6 +23,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..refine.affinity import segment_pixels
 from .classifier import build_backbone
+from .registry import save_model
 
 EPS = 1e-5  # IRN's: keeps log finite at a = 0 or 1 without moving its optimum
 
@@ -85,11 +86,24 @@ class AffinityNet(nn.Module):
         return torch.sigmoid(self.boundary_logits(images))
 
 
-def build_affinity_net(cfg: ModelConfig, pretrained: bool = True) -> AffinityNet:
+def build_affinity_net(cfg: ModelConfig, pretrained: bool = True,
+                       channels: int = 32) -> AffinityNet:
     """An AffinityNet on the backbone that `cfg` names (ImageNet weights when
     `cfg.pretrained` says so; IRN starts from ImageNet, not from the CAM classifier)."""
     backbone, mean, std = build_backbone(cfg, 3, pretrained)
-    return AffinityNet(backbone, mean, std)
+    return AffinityNet(backbone, mean, std, channels)
+
+
+def save_affinity_net(model: AffinityNet, cfg: ModelConfig, directory: str,
+                      extra: dict | None = None) -> None:
+    """Write model.pt + model.json (kind "affinity") into `directory` (a path or URI).
+    The state dict holds the frozen backbone too: the saved model needs nothing else."""
+    model = getattr(model, "module", model)  # unwrap DDP
+    spec = {"kind": "affinity", "backbone": cfg.backbone, "output_stride": cfg.output_stride,
+            "channels": model.fuse.in_channels // len(model.stage_heads)}
+    spec.update(extra or {})
+    spec["kind"] = "affinity"  # what load_model dispatches on: extra must not change it
+    save_model(model, directory, spec)
 
 
 def path_max_affinity(boundary: torch.Tensor, offsets) -> torch.Tensor:

@@ -77,7 +77,9 @@ class Classifier(nn.Module):
         extra = in_channels - len(mean)
         self.register_buffer("mean", torch.tensor(list(mean) + [0.0] * extra).view(1, -1, 1, 1),
                              persistent=False)
-        self.register_buffer("std", torch.tensor(list(std) + [1.0] * extra).view(1, -1, 1, 1),
+        # extra channels (the iterative loop's prior M in [0, 1]) arrive on the images'
+        # 0..255 scale: divided back to [0, 1]
+        self.register_buffer("std", torch.tensor(list(std) + [255.0] * extra).view(1, -1, 1, 1),
                              persistent=False)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -96,6 +98,42 @@ class Classifier(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.logits_from_features(self.features(images))
+
+
+def first_conv(model: nn.Module) -> nn.Conv2d:
+    """The convolution that reads the input images (its in_channels are the image's)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return m
+    raise ValueError("no convolution in the model")
+
+
+def zero_extra_inputs(model: nn.Module, rgb: int = 3) -> None:
+    """Zero the first layer's weights of the input channels beyond RGB, so that a model
+    fed extra channels (the loop's prior) starts out computing what the RGB model does,
+    whatever those channels hold."""
+    conv = first_conv(getattr(model, "backbone", model))
+    with torch.no_grad():
+        conv.weight[:, rgb:] = 0
+
+
+def warm_start(model: nn.Module, previous: nn.Module, rgb: int = 3) -> None:
+    """Copy the weights of `previous` (the last round's classifier) into `model`; the
+    first layer's RGB weights are copied and its extra input channels left at zero,
+    whatever the two models' channel counts."""
+    own = model.state_dict()
+    conv_key = next(k for k, v in own.items() if v.ndim == 4)  # the first conv's weight
+    state = {}
+    for k, v in previous.state_dict().items():
+        if k not in own:
+            continue
+        if k == conv_key:
+            w = torch.zeros_like(own[k])
+            w[:, :rgb] = v[:, :rgb]
+            v = w
+        if own[k].shape == v.shape:
+            state[k] = v
+    model.load_state_dict(state, strict=False)
 
 
 def build_classifier(cfg: ModelConfig, num_classes: int, in_channels: int = 3,

@@ -43,9 +43,17 @@ def _segmenter_from_spec(spec: dict) -> nn.Module:
                            decoder_channels=spec.get("decoder_channels", 256))
 
 
+def _affinity_from_spec(spec: dict) -> nn.Module:
+    from .affinity import build_affinity_net  # here: affinity.py imports this module
+    cfg = ModelConfig(backbone=spec["backbone"], output_stride=spec["output_stride"],
+                      pretrained=None)
+    return build_affinity_net(cfg, pretrained=False, channels=spec.get("channels", 32))
+
+
 BUILDERS: dict[str, Callable[[dict], nn.Module]] = {
     "classifier": _classifier_from_spec,
     "segmenter": _segmenter_from_spec,
+    "affinity": _affinity_from_spec,
 }
 
 

@@ -41,7 +41,7 @@ def _param_groups(model, cfg: ClassifierConfig) -> list[dict]:
 
 
 @dataclass(frozen=True)
-class LoopConfig:
+class WorkerConfig:
     """What the workers need (frozen dataclasses pickle to Ray Train's workers)."""
     classifier: ClassifierConfig
     model: ModelConfig
@@ -50,6 +50,8 @@ class LoopConfig:
     num_train: int
     kur: bool
     has_val: bool
+    prior_channels: int = 0           # the iterative loop's prior, extra input channels
+    warm_start: str | None = None     # the previous round's classifier folder
 
 
 @dataclass
@@ -66,15 +68,22 @@ class _Fit:
     restarts: int = 0
 
 
-def _setup(lc: LoopConfig, reg: RegularizersConfig, device) -> _Fit:
+def _setup(lc: WorkerConfig, reg: RegularizersConfig, device) -> _Fit:
     """Build the model (and OC), restore the last checkpoint, wrap them for DDP."""
     import ray.train.torch
 
-    from ..models.classifier import build_classifier, load_classifier
+    from ..models.classifier import (build_classifier, load_classifier, warm_start,
+                                     zero_extra_inputs)
     from .regularizers import TrainingModel
 
     cfg = lc.classifier
-    model = build_classifier(lc.model, lc.num_classes, kur=lc.kur, mcis=reg.mcis.enabled)
+    model = build_classifier(lc.model, lc.num_classes, 3 + lc.prior_channels, kur=lc.kur,
+                             mcis=reg.mcis.enabled)
+    if lc.prior_channels:
+        # round t starts as the RGB classifier would: the prior's weights from zero
+        zero_extra_inputs(model)
+        if lc.warm_start:
+            warm_start(model, load_classifier(lc.warm_start))
     opt = make_optimizer(_param_groups(model, cfg), cfg)
     oc = oc_opt = None
     if reg.oc_cse.weight > 0:
@@ -124,7 +133,7 @@ def _oc_step(fit: _Fit, reg, images, parts, labels, lr: float, progress: float) 
     return loss.item()
 
 
-def _train_epoch(fit: _Fit, lc: LoopConfig, batches, epoch: int, schedule, pairs,
+def _train_epoch(fit: _Fit, lc: WorkerConfig, batches, epoch: int, schedule, pairs,
                  generator) -> dict:
     """One pass over the worker's shard; returns the epoch's training metrics."""
     cfg, reg = lc.classifier, lc.regularizers
@@ -168,7 +177,7 @@ def _train_epoch(fit: _Fit, lc: LoopConfig, batches, epoch: int, schedule, pairs
     return metrics
 
 
-def train_loop(lc: LoopConfig) -> None:
+def train_loop(lc: WorkerConfig) -> None:
     """Runs on every Ray Train worker: set up (or resume), then an epoch at a time,
     each ended by a report with a checkpoint."""
     import ray.train
@@ -287,10 +296,16 @@ def _worker_regularizers(reg: RegularizersConfig) -> RegularizersConfig:
     return replace(reg, **{"oc_cse.oc_model": storage.resolve(reg.oc_cse.oc_model)})
 
 
-def make_trainer(config, dataset_path: str, name: str, storage_path: str, callbacks=None):
+def make_trainer(config, dataset_path: str, name: str, storage_path: str, callbacks=None,
+                 prior: str | None = None, previous: str | None = None):
     """The TorchTrainer of the classifier fit: Ray Data pipelines, scaling, checkpoints.
 
-    `name` + `storage_path` identify the Ray Train run: the same pair again resumes it."""
+    `name` + `storage_path` identify the Ray Train run: the same pair again resumes it.
+    `prior`: the folder of the loop's prior (round t >= 2), joined to every image as
+    extra channels; `previous`: the previous round's classifier, for loop.warm_start."""
+    from ..data.join import with_columns
+    from .prior import prior_channels
+
     from ..models.classifier import build_classifier
 
     cfg: ClassifierConfig = config.classifier
@@ -302,28 +317,36 @@ def make_trainer(config, dataset_path: str, name: str, storage_path: str, callba
                          f"than one batch ({cfg.batch_size})")
     has_val = bool(cfg.val_split) and counts.get(cfg.val_split, 0) > 0
 
+    channels = prior_channels(config, info.num_classes) if prior else 0
     train_ds = open_dataset(dataset_path, ["image_id", "image", "label_vector"],
                             [cfg.train_split], rows_per_block=64)
-    if cfg.cache_images:
+    if prior:
+        train_ds = with_columns(train_ds, prior, ["prior"])
+    if cfg.cache_images or prior:
         # Reading and filtering the files again every epoch costs seconds of pipeline
         # start-up; the encoded images are small, the augmentation still runs per epoch.
         train_ds = train_ds.materialize()
     train_ds = train_ds.map_batches(
-        TrainTransform(cfg.crop_size, cfg.scale_range, cfg.hflip, cfg.color_jitter),
+        TrainTransform(cfg.crop_size, cfg.scale_range, cfg.hflip, cfg.color_jitter,
+                       prior_channels=channels),
         batch_format="numpy", batch_size=16)
     datasets = {"train": train_ds}
     if has_val:
-        datasets["val"] = open_dataset(dataset_path, ["image", "label_vector"],
-                                       [cfg.val_split]).map_batches(
-            EvalTransform(cfg.crop_size), batch_format="numpy", batch_size=16)
+        val = open_dataset(dataset_path, ["image_id", "image", "label_vector"],
+                           [cfg.val_split])
+        if prior:  # materialised: no lookup actor inside the fit's pipeline
+            val = with_columns(val, prior, ["prior"], missing_ok=True).materialize()
+        datasets["val"] = val.map_batches(EvalTransform(cfg.crop_size, channels),
+                                          batch_format="numpy", batch_size=16)
     # Fail on a bad backbone name, a missing weight file or regularizer settings here, not
     # inside the workers.
     build_classifier(config.model, info.num_classes)
     check_regularizers(config)
-    loop_config = LoopConfig(classifier=cfg, model=config.model,
-                             regularizers=_worker_regularizers(config.regularizers),
-                             num_classes=info.num_classes, num_train=num_train,
-                             kur=config.head.kur, has_val=has_val)
+    loop_config = WorkerConfig(classifier=cfg, model=config.model,
+                               regularizers=_worker_regularizers(config.regularizers),
+                               num_classes=info.num_classes, num_train=num_train,
+                               kur=config.head.kur, has_val=has_val, prior_channels=channels,
+                               warm_start=previous if config.loop.warm_start else None)
     return build_trainer(train_loop, loop_config, cfg, name, storage_path, datasets,
                          callbacks=callbacks, where="classifier",
                          allow_cpu_fallback=config.ray.allow_cpu_fallback)
@@ -349,12 +372,24 @@ def run(config, ctx) -> dict:
     # and resumes from its last checkpoint; a recomputation gets a fresh name.
     name = fit_name(ctx)
     train_root = storage.join(stage_dir, "ray_train")
-    state = run_fit(make_trainer(config, ctx.dataset_path, name, train_root), "classifier")
-    model = build_classifier(config.model, info.num_classes, pretrained=False,
+    prior = ctx.input("prior") if ctx.has_input("prior") else None
+    previous = None
+    if prior is not None:
+        from ..graph import Step
+        previous = ctx.run.step_path(Step("classifier", ctx.round - 1))
+        if config.regularizers.oc_cse.weight > 0 or config.regularizers.mcis.enabled:
+            raise ConfigError("loop.rounds > 1 with OC-CSE / P-NOC or MCIS is not supported "
+                              "(their second image streams carry no prior)")
+    state = run_fit(make_trainer(config, ctx.dataset_path, name, train_root, prior=prior,
+                                 previous=previous), "classifier")
+    from .prior import prior_channels
+    channels = prior_channels(config, info.num_classes) if prior else 0
+    model = build_classifier(config.model, info.num_classes, 3 + channels, pretrained=False,
                              kur=config.head.kur, mcis=config.regularizers.mcis.enabled)
     model.load_state_dict(state["model"])
     save_classifier(model, config.model, stage_dir, info.classes,
-                    {"epochs": state["epoch"] + 1})
+                    {"epochs": state["epoch"] + 1, "prior_channels": channels,
+                     "round": ctx.round})
     remove_earlier_fits(train_root, name)
     storage.write_json_atomic(storage.join(stage_dir, "history.json"), state["history"])
     last = state["history"][-1]

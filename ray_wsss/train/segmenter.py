@@ -30,7 +30,13 @@ from ..errors import ConfigError, StageError
 from .fit import (build_trainer, fit_name, lr_at, make_optimizer, remove_earlier_fits,
                   report_epoch, restore_checkpoint, run_fit, set_lr)
 
-MASK_COLUMNS = {"crf": "pseudo_mask", "seeds": "seed"}
+# segmenter.masks -> the column of the masks (in the folder of stage `mask_stage`)
+MASK_COLUMNS = {"crf": "pseudo_mask", "seeds": "seed", "random_walk": "rw_mask"}
+
+
+def mask_stage(config) -> str:
+    """The stage whose folder holds the masks `segmenter.masks` names."""
+    return "random_walk" if config.segmenter.masks == "random_walk" else "crf"
 
 
 def segmenter_model_config(config) -> ModelConfig:
@@ -195,25 +201,28 @@ def train_loop(lc: SegLoopConfig) -> None:
                                "epoch": epoch, "history": history, "restarts": restarts})
 
 
-def training_rows(config, dataset_path: str, masks_dir: str, cams_dir: str | None):
+def training_rows(config, dataset_path: str, masks_dir: str, cams_dir: str | None,
+                  column: str | None = None):
     """The train split's images joined with their pseudo masks (and CAMs for the unsure
     band), materialised: the join's lookup actor must not share the CPUs with the
     training workers (a Train `datasets=` pipeline holding an actor pool can starve
     itself on a small machine)."""
     cfg = config.segmenter
-    column = MASK_COLUMNS[cfg.masks]
+    column = column or MASK_COLUMNS[cfg.masks]
     ds = open_dataset(dataset_path, ["image_id", "image", "label_vector"], [cfg.train_split],
                       rows_per_block=32)
     ds = with_columns(ds, masks_dir, [column])
-    if cfg.unsure_band is not None:
+    if cfg.unsure_band is not None and cams_dir is not None:
         ds = with_columns(ds, cams_dir, ["cam"])
     return ds.materialize()
 
 
 def make_trainer(config, dataset_path: str, masks_dir: str, cams_dir: str | None,
-                 classifier_dir: str | None, name: str, storage_path: str, callbacks=None):
+                 classifier_dir: str | None, name: str, storage_path: str, callbacks=None,
+                 column: str | None = None):
     """The TorchTrainer of the segmenter fit. `name` + `storage_path` identify the Ray
-    Train run: the same pair again resumes it."""
+    Train run: the same pair again resumes it. `masks_dir` / `column`: where the target
+    masks are (default: the column `segmenter.masks` names)."""
     from ..models.deeplab import build_segmenter
 
     cfg: SegmenterConfig = config.segmenter
@@ -227,9 +236,11 @@ def make_trainer(config, dataset_path: str, masks_dir: str, cams_dir: str | None
     init = init_source(config)
     build_segmenter(model_cfg, info.num_classes + 1, pretrained=init == "pretrained")
     has_val = bool(cfg.val_split) and counts.get(cfg.val_split, 0) > 0
-    datasets = {"train": training_rows(config, dataset_path, masks_dir, cams_dir).map_batches(
+    column = column or MASK_COLUMNS[cfg.masks]
+    rows = training_rows(config, dataset_path, masks_dir, cams_dir, column)
+    datasets = {"train": rows.map_batches(
         SegTrainTransform(cfg.crop_size, cfg.scale_range, cfg.hflip, cfg.color_jitter,
-                          MASK_COLUMNS[cfg.masks], cfg.unsure_band),
+                          column, cfg.unsure_band if cams_dir else None),
         batch_format="numpy", batch_size=16)}
     if has_val:
         val = open_dataset(dataset_path, ["image", "mask"], [cfg.val_split], require=("mask",))
@@ -251,8 +262,18 @@ def run(config, ctx) -> dict:
     name = fit_name(ctx)
     train_root = storage.join(ctx.path, "ray_train")
     classifier_dir = ctx.input("classifier") if init_source(config) == "classifier" else None
-    trainer = make_trainer(config, ctx.dataset_path, ctx.input("crf"), ctx.input("cams"),
-                           classifier_dir, name, train_root)
+    if ctx.has_input("predict"):
+        # self-training (loop.feedback: labels): the previous round's CRF-refined
+        # predictions of the train split are the targets
+        if not config.predict.crf:
+            raise ConfigError("loop.feedback: labels fits each round's segmentation model "
+                              "on the previous round's CRF-refined predictions: set "
+                              "predict.crf: true")
+        trainer = make_trainer(config, ctx.dataset_path, ctx.input("predict"), None,
+                               classifier_dir, name, train_root, column="prediction_crf")
+    else:
+        trainer = make_trainer(config, ctx.dataset_path, ctx.input(mask_stage(config)),
+                               ctx.input("cams"), classifier_dir, name, train_root)
     state = run_fit(trainer, "segmenter")
     model_cfg = segmenter_model_config(config)
     model = build_segmenter(model_cfg, info.num_classes + 1, pretrained=False,

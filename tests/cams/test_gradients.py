@@ -74,7 +74,7 @@ def test_fullgrad_through_in_place_relus_equals_the_hooked_reference():
     would overwrite, so it runs on the same network built without in-place ReLUs."""
     model, plain = bn_model(inplace=True), bn_model(inplace=False)
     x, classes = batch()
-    maps, _ = METHODS["fullgrad"](model, x, classes, MethodOptions(grad_chunk=1))
+    maps, _ = METHODS["fullgrad"](model, x, classes)
     for b in range(x.shape[0]):
         for u in torch.nonzero(classes[b]).flatten().tolist():
             close(maps[b, u], fullgrad_reference_map(plain, x[b], u))
@@ -143,3 +143,19 @@ def test_every_new_method_through_tta_and_map_maker_on_resnet_mini(tmp_path):
             name
         assert maps[0].max() > 0, name
         assert probs.shape == (3, K)
+
+
+@pytest.mark.parametrize("name", ["gradient", "fullgrad", "layercam-fused"])
+def test_sub_batches_by_class_count_give_each_image_its_own_maps(name):
+    """Images wanting 3, 1, 2 and no classes: run as one batch (split by class count)
+    and one by one, the same maps and logits."""
+    model = bn_model()
+    x, classes = batch()
+    x = torch.cat([x, x[:1] * 0.5])
+    classes = torch.cat([classes, torch.zeros(1, K, dtype=classes.dtype)])
+    maps, logits = METHODS[name](model, x, classes)
+    for b in range(len(x)):
+        one, lg = METHODS[name](model, x[b:b + 1], classes[b:b + 1])
+        close(maps[b:b + 1], one)
+        close(logits[b:b + 1], lg)
+    assert torch.all(maps[3] == 0) and maps[:3].amax() > 0

@@ -398,6 +398,16 @@ def test_minmax_suppresses_a_class_where_another_detected_class_weighs_more():
     close(METHODS["minmax"](model, x, only1)[0], METHODS["cam"](model, x, only1)[0])
 
 
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_a_batch_that_wants_no_class_gets_zero_maps(name):
+    model = make()
+    x, _ = batch(b=2)
+    none = torch.zeros(2, K, dtype=torch.float64)
+    maps, logits = METHODS[name](model, x, none, MethodOptions(smoothgrad_samples=1))
+    assert maps.shape[:2] == (2, K) and torch.all(maps == 0)
+    close(logits, model(x))
+
+
 def test_tta_runs_every_method_with_the_same_output_format():
     model = make().float()
     x = (torch.rand(2, 3, 32, 32) * 255)

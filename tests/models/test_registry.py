@@ -112,3 +112,22 @@ def test_save_model_needs_a_registered_kind(tmp_path):
     with pytest.raises(ValueError, match="kind"):
         save_model(build_classifier(CFG, 2), str(tmp_path), {"backbone": "resnet_mini"})
     assert not os.path.exists(tmp_path / "model.json")
+
+
+def test_affinity_net_round_trip_through_the_registry(tmp_path):
+    """Kind "affinity": the frozen backbone travels in model.pt, so the loaded network
+    gives the same boundary map with nothing else to read."""
+    from ray_wsss.models.affinity import AffinityNet, build_affinity_net, save_affinity_net
+
+    model = build_affinity_net(CFG, pretrained=False).eval()
+    _randomise_bn(model)
+    save_affinity_net(model, CFG, str(tmp_path), {"epochs": 2, "kind": "ignored"})
+    assert _spec(tmp_path) == {"kind": "affinity", "backbone": "resnet_mini",
+                               "output_stride": 16, "channels": 32, "epochs": 2}
+    x = torch.rand(1, 3, 50, 42) * 255
+    back = load_model(str(tmp_path), kind="affinity")
+    assert isinstance(back, AffinityNet)
+    with torch.no_grad():
+        assert torch.equal(model(x), back.eval()(x))
+    with pytest.raises(ConfigError, match="holds a affinity, expected a classifier"):
+        load_model(str(tmp_path), kind="classifier")

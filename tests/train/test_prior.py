@@ -1,0 +1,94 @@
+"""The iterative loop's prior M_t: its formula, a classifier fed it as extra channels,
+and the augmentation that must move it with the image."""
+import numpy as np
+import pytest
+import torch
+
+from ray_wsss.cams.methods import get_method
+from ray_wsss.cams.tta import tta_maps
+from ray_wsss.config import ModelConfig
+from ray_wsss.data.codecs import encode_array, encode_image
+from ray_wsss.data.transforms import EvalTransform, TrainTransform
+from ray_wsss.models.classifier import build_classifier, warm_start, zero_extra_inputs
+from ray_wsss.train.prior import class_weights, compute_prior
+
+
+def test_the_prior_equals_a_hand_computation_on_two_classes():
+    """Two classes (1, 2), image tagged with both, 1x2 pixels. Softmax scores of the
+    segmentation model over (background, 1, 2, 3); class 3 is not the image's, so the
+    restricted softmax renormalises over (background, 1, 2)."""
+    scores = np.array([[[0.2, 0.5]],     # background
+                       [[0.6, 0.1]],     # class 1
+                       [[0.1, 0.2]],     # class 2
+                       [[0.1, 0.2]]],    # class 3 (not in the image)
+                      np.float32)
+    probs = np.array([0.9, 0.5, 0.99], np.float32)
+    weights = class_weights([1.0, 0.5, 2.0], 3)       # alpha / max alpha
+    assert weights.tolist() == [0.5, 0.25, 1.0]
+    m = compute_prior(scores, [1, 2], probs, weights, per_class=False)
+    # pixel 0: restricted (0.2, 0.6, 0.1) / 0.9; pixel 1: (0.5, 0.1, 0.2) / 0.8
+    expected = np.array([[0.5 * 0.9 * 0.6 / 0.9 + 0.25 * 0.5 * 0.1 / 0.9,
+                          0.5 * 0.9 * 0.1 / 0.8 + 0.25 * 0.5 * 0.2 / 0.8]])
+    assert m.shape == (1, 1, 2)
+    assert np.allclose(m[0], expected, atol=1e-6)
+    per_class = compute_prior(scores, [1, 2], probs, weights, per_class=True)
+    assert per_class.shape == (3, 1, 2)
+    assert np.allclose(per_class.sum(0), m[0], atol=1e-6)
+    assert (per_class[2] == 0).all()                   # class 3 is not in the image
+    # alpha null: every weight 1; the prior stays in [0, 1]
+    ones = compute_prior(scores, [1, 2], np.ones(3, np.float32), class_weights(None, 3),
+                         False)
+    assert np.allclose(ones[0], 1 - scores[0] / scores[:3].sum(0), atol=1e-6)
+    with pytest.raises(Exception, match="loop.alpha: 2 weights for 3 classes"):
+        class_weights([1.0, 2.0], 3)
+
+
+@pytest.mark.parametrize("backbone", ["resnet_mini", "resnet18"])
+def test_a_zero_initialised_prior_channel_changes_no_logit_and_no_cam(backbone):
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone=backbone)
+    rgb = build_classifier(cfg, 4, 3, pretrained=False).eval()
+    fed = build_classifier(cfg, 4, 4, pretrained=False)
+    zero_extra_inputs(fed)
+    warm_start(fed, rgb)
+    fed.eval()
+    images = torch.rand(2, 3, 64, 80) * 255
+    for prior in (torch.zeros(2, 1, 64, 80), torch.rand(2, 1, 64, 80) * 255,
+                  torch.full((2, 1, 64, 80), 255.0)):
+        x = torch.cat([images, prior], 1)
+        with torch.no_grad():
+            assert torch.allclose(fed(x), rgb(images), atol=1e-5)
+        classes = [np.array([0, 2]), np.array([1])]
+        for method in ("cam", "gradcam"):
+            ours, _ = tta_maps(fed, get_method(method), x, classes, (1.0, 0.5), True)
+            ref, _ = tta_maps(rgb, get_method(method), images, classes, (1.0, 0.5), True)
+            for a, b in zip(ours, ref):
+                assert np.allclose(a, b, atol=1e-5)
+
+
+def test_augmentation_moves_the_prior_with_the_image():
+    """A prior computed from the image (its red channel) is still the red channel of
+    the augmented image: rescale, crop, pad and flip treat both alike; jitter touches
+    the colours only."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (70, 90, 3), dtype=np.uint8)
+    image = np.ascontiguousarray(np.repeat(np.repeat(image[::5, ::5], 5, 0), 5, 1)[:70, :90])
+    prior = image[None, :, :, 0].copy()
+    batch = {"image_id": np.array(["a"], object),
+             "image": np.array([encode_image(image)], object),
+             "prior": np.array([encode_array(prior, np.uint8)], object),
+             "label_vector": np.ones((1, 2), np.uint8)}
+    for seed in range(6):
+        out = TrainTransform(64, (0.5, 1.5), True, 0.0, seed=seed, prior_channels=1)(batch)
+        img = out["image"][0]
+        assert img.shape == (64, 64, 4)
+        inside = ~(img[..., :3] == np.array([124, 116, 104], np.uint8)).all(-1)
+        assert (img[..., 3][inside] == img[..., 0][inside]).all()
+        assert (img[..., 3][~inside] == 0).all()   # padding: no prior
+        jittered = TrainTransform(64, (0.5, 1.5), True, 0.4, seed=seed,
+                                  prior_channels=1)(batch)["image"][0]
+        assert (jittered[..., 3] == img[..., 3]).all()
+    ev = EvalTransform(48, prior_channels=1)(batch)["image"][0]
+    assert ev.shape == (48, 48, 4)
+    inside = ~(ev[..., :3] == np.array([124, 116, 104], np.uint8)).all(-1)
+    assert np.abs(ev[..., 3][inside].astype(int) - ev[..., 0][inside]).max() <= 1
