@@ -103,10 +103,10 @@ def test_the_random_walk_stages_on_the_tiny_run(copy_run, capsys):
     scores = run.read_metrics()["random_walk"]["scores"]
     assert set(scores) == {"train", "val"}
     # floor: far above what a wiring mistake gives on this run: the all-background mask
-    # scores 0.12 and the walk with the classes in the wrong order 0.20; this short fit
-    # (40 steps, before the kill test made it 60) gave 0.41 (the seeds of the same CAMs 0.47; the demo's 150 steps
-    # 0.54). The walk's geometry (stride-4 grid, walls) is checked exactly in
-    # tests/refine/test_walk_stage.py.
+    # scores 0.12 and the walk with the classes in the wrong order 0.20. This short fit
+    # (60 steps at crop 96, killed once) gave 0.47, level with the seeds of the same
+    # CAMs (0.47); 150 steps at crop 128 gave 0.54. The walk's geometry (stride-4 grid,
+    # walls) is checked exactly in tests/refine/test_walk_stage.py.
     assert scores["val"]["rw_mask"]["miou"] > 0.30, scores["val"]["rw_mask"]["miou"]
 
     # the table and the report show them
