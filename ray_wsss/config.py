@@ -200,6 +200,12 @@ class CamConfig:
     lambda_neg: float = 1.0
     lambda_bg: float = 1.0
     scorecam_batch: int = 64   # masked images per forward pass of Score-CAM
+    # SmoothGrad: noisy copies per image, noise std / (max - min) of the image
+    smoothgrad_samples: int = added(16)
+    smoothgrad_noise: float = added(0.15)
+    ablation_batch: int = added(256)     # Ablation-CAM: feature copies per head forward
+    layercam_gamma: float = added(2.0)   # fused LayerCAM: tanh(gamma M / max M) per stage
+    grad_chunk: int = added(8)           # classes per batched backward (bounds memory)
     # larger images are shrunk for the network (maps are resized back to the image)
     max_image_side: int | None = 1024
     # MCIS co-segmentation (needs a classifier trained with regularizers.mcis): for each
@@ -448,6 +454,16 @@ class ExplainConfig:
     flip: bool | None = None                 # null: cams.flip
     sample_images: int = 4          # images shown side by side in the report
     batch_size: int = 8
+    # faithfulness beside the XAI metrics: ROAD (% of pixels removed most- / least-
+    # relevant first, imputed from their neighbours; [] turns it off), deletion /
+    # insertion curves (points, insertion's blur), images per forward; box accuracy
+    # (CorLoc) at a threshold of the normalised map
+    road_percentiles: tuple[float, ...] = (10.0, 30.0, 50.0, 70.0, 90.0)
+    road_noise: float = 0.01
+    curve_steps: int = 10
+    insertion_blur: float = 5.0
+    forward_batch: int = 32
+    box_threshold: float = 0.2
 
 
 @dataclass(frozen=True)

@@ -315,7 +315,10 @@ def explain_section(run, info: DatasetInfo) -> str:
     comp = storage.read_json(path)
     cols = [("IC ↑", "increase_in_confidence"), ("AD ↓", "average_drop"),
             ("AR ↑", "average_retention"), ("ADO ↑", "average_drop_of_others"),
-            ("ARO ↓", "average_retention_of_others"), ("seed mIoU ↑", "seed_miou"),
+            ("ARO ↓", "average_retention_of_others"), ("ROAD MoRF ↓", "road_morf"),
+            ("ROAD LeRF ↑", "road_lerf"), ("deletion AUC ↓", "deletion_auc"),
+            ("insertion AUC ↑", "insertion_auc"), ("box acc. ↑", "box_accuracy"),
+            ("seed mIoU ↑", "seed_miou"),
             ("img/s", "images_per_second")]
     head = "".join(f"<th>{html.escape(c)}</th>" for c, _ in cols)
     body = "".join(

@@ -28,6 +28,8 @@ TINY_OVERRIDES = [
     "cams.num_actors=1",
     "segmenter.epochs=3", "segmenter.torch_threads=2", "predict.torch_threads=2",
     "predict.splits=[val]",
+    # the faithfulness metrics of explain at a few points (their own tests cover them)
+    "explain.road_percentiles=[50]", "explain.curve_steps=4",
     "report.num_images=4", "ray.progress_bars=false",
 ]
 

@@ -185,5 +185,12 @@ class McisMethod:
                 for c, ids in draws.items():
                     if ids:
                         co = torch.stack([maps[p][c] for p in ids]).mean(0)
+                        if co.shape != own[i, c].shape:
+                            # methods whose maps are at input or stage resolution
+                            # (gradients, FullGrad, fused LayerCAM) meet the feature-
+                            # resolution co-attention maps at the method's resolution
+                            co = _unit(F.interpolate(co[None, None], size=own.shape[-2:],
+                                                     mode="bilinear",
+                                                     align_corners=False)[0, 0])
                         out[i, c] = (_unit(own[i, c]) + co) / 2
         return out, logits

@@ -81,7 +81,11 @@ def mcis_bank(config, dataset_path: str) -> dict | None:
 
 def method_options(cfg) -> dict:
     return {"lambda_pos": cfg.lambda_pos, "lambda_neg": cfg.lambda_neg,
-            "lambda_bg": cfg.lambda_bg, "scorecam_batch": cfg.scorecam_batch}
+            "lambda_bg": cfg.lambda_bg, "scorecam_batch": cfg.scorecam_batch,
+            "grad_chunk": cfg.grad_chunk, "ablation_batch": cfg.ablation_batch,
+            "layercam_gamma": cfg.layercam_gamma,
+            "smoothgrad_samples": cfg.smoothgrad_samples,
+            "smoothgrad_noise": cfg.smoothgrad_noise, "seed": cfg.seed}
 
 
 def cam_dataset(config, dataset_path: str, model_dir: str, splits=None,
