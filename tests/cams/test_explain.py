@@ -24,7 +24,8 @@ def test_explain_table_and_cam_seed_miou_match_the_pipeline(tiny_run, copy_run):
         for key in ("road_morf", "road_lerf", "deletion_auc", "insertion_auc",
                     "box_accuracy"):
             assert 0 <= r[key] <= 100, key
-        assert r["box_pairs"] > 0 and len(r["deletion_curve"]) == 11
+        steps = run.config.explain.curve_steps
+        assert r["box_pairs"] > 0 and len(r["deletion_curve"]) == steps + 1
     # the same maps (method, TTA, labels) as the CAM stage, evaluated another way
     evaluated = tiny_run.read_metrics()["evaluate"]["cams"]["best"]["miou"]
     assert rows["cam"]["seed_miou"] == pytest.approx(100 * evaluated, abs=0.05)
