@@ -62,6 +62,23 @@ def _kill_when(marker: str, ready, timeout: float = 120) -> int:
     pytest.fail(f"no process {marker!r} to kill")
 
 
+def _first_checkpoint_registered(fits: str, old=frozenset()):
+    """A predicate: a fit folder matching `fits` (not in `old`) has registered the
+    checkpoint of epoch 1. Ray Train's controller lists a checkpoint in its snapshot
+    once it is persisted and registered: a restart from then on must resume from it."""
+    def ready() -> bool:
+        for fit in set(glob.glob(fits)) - set(old):
+            try:
+                with open(os.path.join(fit, "checkpoint_manager_snapshot.json")) as fh:
+                    results = json.load(fh)["checkpoint_results"]
+            except (OSError, ValueError, KeyError):
+                continue
+            if any(r["metrics"].get("epoch") == 1 for r in results):
+                return True
+        return False
+    return ready
+
+
 @pytest.fixture
 def small_run(copy_run, tmp_path):
     """A copy of the tiny run on its first 96 images (dataset read in place)."""
@@ -116,19 +133,7 @@ def test_a_training_worker_killed_mid_epoch_resumes_from_its_checkpoint(copy_run
     old = set(glob.glob(fits))
     t, box = _in_thread(lambda: run_stage("classifier", cfg, run, force=True))
 
-    def first_checkpoint_registered():
-        # Ray Train's controller lists a checkpoint in its snapshot once it is persisted
-        # and registered: a restart from then on must resume from it
-        for fit in set(glob.glob(fits)) - old:
-            try:
-                with open(os.path.join(fit, "checkpoint_manager_snapshot.json")) as fh:
-                    results = json.load(fh)["checkpoint_results"]
-            except (OSError, ValueError, KeyError):
-                continue
-            if any(r["metrics"].get("epoch") == 1 for r in results):
-                return True
-        return False
-    _kill_when("RayTrainWorker", first_checkpoint_registered, timeout=240)
+    _kill_when("RayTrainWorker", _first_checkpoint_registered(fits, old), timeout=240)
     t.join(400)
     assert "error" not in box, box.get("error")
     history = run.read_metrics()["classifier"]["history"]
@@ -149,17 +154,7 @@ def test_a_segmenter_worker_killed_mid_epoch_resumes_from_its_checkpoint(small_r
     t, box = _in_thread(lambda: run_stage("segmenter", cfg, run, force=True,
                                           check_upstream=False))
 
-    def first_checkpoint_registered():
-        for fit in set(glob.glob(fits)) - old:
-            try:
-                with open(os.path.join(fit, "checkpoint_manager_snapshot.json")) as fh:
-                    results = json.load(fh)["checkpoint_results"]
-            except (OSError, ValueError, KeyError):
-                continue
-            if any(r["metrics"].get("epoch") == 1 for r in results):
-                return True
-        return False
-    _kill_when("RayTrainWorker", first_checkpoint_registered, timeout=240)
+    _kill_when("RayTrainWorker", _first_checkpoint_registered(fits, old), timeout=240)
     t.join(400)
     assert "error" not in box, box.get("error")
     history = run.read_metrics()["segmenter"]["history"]
