@@ -94,7 +94,7 @@ def load_model(directory: str, map_location: str | torch.device = "cpu", *,
         raise ConfigError(f"{json_path}: holds a {found}, expected a {kind}")
     model = BUILDERS[found](spec)
     pt_path = storage.join(directory, "model.pt")
-    state = torch.load(io.BytesIO(storage.read_bytes(pt_path)), map_location=map_location,
+    state = torch.load(io.BytesIO(storage.read_bytes(pt_path)), map_location="cpu",
                        weights_only=True)
     try:
         model.load_state_dict(state)
@@ -102,4 +102,7 @@ def load_model(directory: str, map_location: str | torch.device = "cpu", *,
         # strict loading: weights for another architecture must not half-load
         first = str(exc).splitlines()[0]
         raise DataError(f"weights do not match model.json ({first})", path=pt_path) from None
-    return model
+    # load_state_dict copies the weights into the freshly built (CPU) model, whose
+    # non-persistent buffers (input mean/std) are not in the file at all: the model
+    # itself goes to the device, not just the loaded tensors.
+    return model.to(map_location)

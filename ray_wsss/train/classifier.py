@@ -25,7 +25,7 @@ from ..data.dataset import dataset_counts, open_dataset, read_info, read_table
 from ..data.transforms import EvalTransform, TrainTransform
 from ..errors import ConfigError, StageError
 from .fit import (build_trainer, fit_name, lr_at, make_optimizer, remove_earlier_fits,
-                  report_epoch, restore_checkpoint, run_fit, set_lr)
+                  report_epoch, restore_checkpoint, run_fit, set_lr, worker_device)
 
 
 def _param_groups(model, cfg: ClassifierConfig) -> list[dict]:
@@ -192,7 +192,7 @@ def train_loop(lc: WorkerConfig) -> None:
     torch.manual_seed(cfg.seed)
     ctx = ray.train.get_context()
     world, rank = ctx.get_world_size(), ctx.get_world_rank()
-    device = ray.train.torch.get_device()
+    device = worker_device("classifier")
     fit = _setup(lc, reg, device)
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     per_worker = max(1, cfg.batch_size // world)

@@ -68,6 +68,21 @@ def restore_checkpoint() -> dict | None:
         return torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
 
 
+def worker_device(where: str):
+    """This Ray Train worker's torch device, announced once per worker (rank, device and
+    the process group's backend) so a log shows where a fit really ran."""
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    ctx = ray.train.get_context()
+    device = ray.train.torch.get_device()
+    backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else "none"
+    print(f"[{where}] worker {ctx.get_world_rank()}/{ctx.get_world_size()} on {device} "
+          f"(process group: {backend})")
+    return device
+
+
 def report_epoch(metrics: dict, state: dict) -> None:
     """End an epoch on every worker: rank 0 saves `state` as the checkpoint, the
     others report their metrics only (Ray Train keeps rank 0's)."""

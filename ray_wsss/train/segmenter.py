@@ -28,7 +28,7 @@ from ..data.join import with_columns
 from ..data.transforms import SegEvalTransform, SegTrainTransform
 from ..errors import ConfigError, StageError
 from .fit import (build_trainer, fit_name, lr_at, make_optimizer, remove_earlier_fits,
-                  report_epoch, restore_checkpoint, run_fit, set_lr)
+                  report_epoch, restore_checkpoint, run_fit, set_lr, worker_device)
 
 # segmenter.masks -> the column of the masks (in the folder of stage `mask_stage`)
 MASK_COLUMNS = {"crf": "pseudo_mask", "seeds": "seed", "random_walk": "rw_mask"}
@@ -164,7 +164,7 @@ def train_loop(lc: SegLoopConfig) -> None:
     torch.manual_seed(cfg.seed)
     ctx = ray.train.get_context()
     world, rank = ctx.get_world_size(), ctx.get_world_rank()
-    device = ray.train.torch.get_device()
+    device = worker_device("segmenter")
     model = build_model(lc)
     opt = make_optimizer([{"params": list(model.backbone_parameters()), "lr_scale": 1.0},
                           {"params": list(model.head_parameters()),

@@ -131,3 +131,16 @@ def test_affinity_net_round_trip_through_the_registry(tmp_path):
         assert torch.equal(model(x), back.eval()(x))
     with pytest.raises(ConfigError, match="holds a affinity, expected a classifier"):
         load_model(str(tmp_path), kind="classifier")
+
+
+def test_load_puts_the_whole_model_on_the_requested_device(tmp_path):
+    """map_location alone leaves the freshly built model (and its non-persistent input
+    mean/std buffers) on the CPU: a CAM actor on a GPU then failed on its first batch
+    (seen on an H200, 2026-11-27). The meta device stands in for CUDA here."""
+    save_classifier(build_classifier(CFG, 3), CFG, str(tmp_path / "c"), ["a", "b", "c"])
+    save_segmenter(build_segmenter(CFG, 4, aspp_channels=16, decoder_channels=16), CFG,
+                   str(tmp_path / "s"), ["bg", "a", "b", "c"])
+    for model in (load_classifier(str(tmp_path / "c"), "meta"),
+                  load_segmenter(str(tmp_path / "s"), "meta")):
+        devices = {t.device.type for t in [*model.parameters(), *model.buffers()]}
+        assert devices == {"meta"}
