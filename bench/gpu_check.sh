@@ -42,10 +42,10 @@ GPU_KEYS=(run_dir="$RUN" ray.progress_bars=false
 part pipeline "${PIPELINE_S:-300}" $PY -m ray_wsss.cli run ray_wsss/configs/demo.yaml "${GPU_KEYS[@]}"
 TAIL=60 part metrics 60 $PY -m ray_wsss.cli metrics "$RUN"
 # the fits really ran on the GPU: the device each worker reported
-grep -h -i -E "cuda|nccl|device" "$OUT_DIR/pipeline.log" | sort | uniq -c | head -20
+grep -h -E "worker [0-9]+/[0-9]+ on" "$OUT_DIR/pipeline.log" | sort | uniq -c | head -20
 
 part random_walk "${WALK_S:-150}" $PY bench/bench_random_walk.py --device cuda --repeats 3 \
---sizes 500x375,640x640,1000x750,2000x1500,4000x3000 --max-dense-gib 8
+    --sizes 500x375,640x640,1000x750,2000x1500,4000x3000 --max-dense-gib 8
 TAIL=15 part segmenter "${SEG_S:-150}" $PY bench/bench_segmenter.py --gpu --images 640 \
     --epochs 3 --threads 4
 exit $fail
