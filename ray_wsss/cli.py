@@ -83,7 +83,7 @@ def cmd_export(args) -> int:
 
     result = export(args.run_dir, args.what, args.out,
                     splits=args.splits.split(",") if args.splits else None,
-                    round=args.round, overwrite=args.overwrite)
+                    round=args.round, overwrite=args.overwrite, stitch=args.stitch)
     print(f"exported {result['files']} file(s) ({args.what}, step {result['step']}) "
           f"into {result['path']}")
     return 0
@@ -351,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--splits", help="comma-separated splits (default: every split)")
     q.add_argument("--round", type=int, default=None, help="round (default: the last)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    q.add_argument("--stitch", action="store_true",
+                   help="tiled datasets: one PNG per frame, its tiles put back together")
     q.set_defaults(fn=cmd_export)
     q = sub.add_parser("unlock", help="break the lock of a run directory whose run died")
     q.add_argument("run_dir")

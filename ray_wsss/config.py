@@ -309,6 +309,9 @@ class PredictConfig:
     evaluate_splits: tuple[str, ...] = ("val",)
     max_image_side: int | None = 1024
     batch_size: int = 8
+    # tiled datasets: label each frame whole (its tiles stitched back) and cut the label
+    # map into the tiles; false labels every tile alone
+    whole_frames: bool = added(False)
     # resources
     num_actors: int | None = None
     cpus_per_actor: int = 1

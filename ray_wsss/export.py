@@ -8,6 +8,10 @@ map; pixel values 0 = background, 1..K the classes, 255 = ignore), plus
 hold exactly what the run evaluated. The model is `model.pt` + `model.json` (load it
 with `ray_wsss.models.registry.load_model`).
 
+With `stitch` (tiled datasets), the tiles of each frame are put back together: one
+`<frame id>.png` per frame, its pixels from its tiles' masks (255 where a tile was
+skipped at import), and the split lists name frames.
+
 The files are read from the run's Parquet outputs a record batch at a time (memory
 bounded by a batch), written into a temporary folder and renamed into place when done.
 """
@@ -43,7 +47,7 @@ def safe_name(image_id: str) -> str:
 
 
 def export(run_dir: str, what: str, out: str, splits=None, round: int | None = None,
-           overwrite: bool = False) -> dict:
+           overwrite: bool = False, stitch: bool = False) -> dict:
     """Write `what` of the run in `run_dir` into the new folder `out`."""
     from .config import PipelineConfig, from_dict
     from .graph import Step
@@ -71,7 +75,7 @@ def export(run_dir: str, what: str, out: str, splits=None, round: int | None = N
         if column is None:
             files = _export_model(run.step_path(step), tmp)
         else:
-            files = _export_masks(run, run.step_path(step), column, tmp, splits)
+            files = _export_masks(run, run.step_path(step), column, tmp, splits, stitch)
     except BaseException:
         storage.remove(tmp)
         raise
@@ -86,12 +90,60 @@ def _export_model(model_dir: str, out: str) -> int:
     return 2
 
 
-def _export_masks(run, folder: str, column: str, out: str, splits) -> int:
+class _Stitcher:
+    """Collects the tiles of each frame and hands a frame's stitched mask over as soon as
+    its last tile has come (memory: the frames still incomplete)."""
+
+    def __init__(self, dataset_path: str):
+        from .data.dataset import TILE_COLUMNS, read_table, read_tiling
+
+        if read_tiling(dataset_path) is None:
+            raise StageError("export: --stitch needs a tiled dataset (imported with "
+                             "--tiles or data.tiles); this run's dataset is not tiled")
+        rows = read_table(dataset_path, ["image_id", *TILE_COLUMNS]).to_pylist()
+        self.tile = {r["image_id"]: r for r in rows if r["parent_id"] is not None}
+        self.expected: dict[str, int] = {}
+        self.size: dict[str, tuple[int, int]] = {}
+        for r in self.tile.values():
+            self.expected[r["parent_id"]] = self.expected.get(r["parent_id"], 0) + 1
+            self.size[r["parent_id"]] = tuple(int(v) for v in r["parent_size"])
+        self.pending: dict[str, list] = {}
+        self.split: dict[str, str] = {}
+
+    def add(self, image_id: str, data: bytes, split: str):
+        """[(frame id, PNG bytes)]: the frames this tile completes (an untiled image
+        passes through as its own frame)."""
+        from .data.codecs import decode_mask
+
+        r = self.tile.get(image_id)
+        if r is None:
+            return [(image_id, data)]
+        self.split[r["parent_id"]] = split
+        group = self.pending.setdefault(r["parent_id"], [])
+        group.append((r["tile_box"], decode_mask(data, f"image_id {image_id}")))
+        if len(group) < self.expected[r["parent_id"]]:
+            return []
+        return [self._frame(r["parent_id"])]
+
+    def rest(self):
+        """The frames whose tiles did not all come (their other pixels are 255)."""
+        return [self._frame(parent) for parent in list(self.pending)]
+
+    def _frame(self, parent: str):
+        from .data.codecs import encode_mask
+        from .data.tiles import stitch
+
+        return parent, encode_mask(stitch(self.pending.pop(parent), *self.size[parent]))
+
+
+def _export_masks(run, folder: str, column: str, out: str, splits,
+                  stitch: bool = False) -> int:
     from .data.dataset import check_columns, parquet_files
 
     check_columns(folder, ("image_id", "split", column))
     ids_by_split: dict[str, list[str]] = {}
     files = 0
+    stitcher = _Stitcher(run.dataset_path) if stitch else None
     for f in parquet_files(folder):
         fs, p = storage.filesystem(f)
         for batch in pq.ParquetFile(p, filesystem=fs).iter_batches(
@@ -101,10 +153,17 @@ def _export_masks(run, folder: str, column: str, out: str, splits) -> int:
                     continue
                 if data is None:
                     continue
-                storage.write_bytes_atomic(storage.join(out, safe_name(image_id) + ".png"),
-                                           data)
-                ids_by_split.setdefault(split, []).append(image_id)
-                files += 1
+                ready = ([(image_id, data)] if stitcher is None
+                         else stitcher.add(image_id, data, split))
+                for name, png in ready:
+                    storage.write_bytes_atomic(storage.join(out, safe_name(name) + ".png"),
+                                               png)
+                    ids_by_split.setdefault(split, []).append(name)
+                    files += 1
+    for name, png in stitcher.rest() if stitcher is not None else ():
+        storage.write_bytes_atomic(storage.join(out, safe_name(name) + ".png"), png)
+        ids_by_split.setdefault(stitcher.split[name], []).append(name)
+        files += 1
     if not files:
         raise StageError(f"export: no {column} in {folder}"
                          + (f" for split(s) {', '.join(splits)}" if splits else ""))

@@ -7,6 +7,13 @@ and flips (DeepLab's multi-scale inference), argmax, and optionally a dense CRF 
 scores (`predict.crf`, kernels of the `crf` section). The model sees no tags: it labels
 images as it would label new photos.
 
+Tiled datasets (`data.tiles`): with `predict.whole_frames` the tiles of a frame are
+stitched back into the frame, the model (fully convolutional) labels the whole frame,
+with the context a tile lacks, and its label map is cut back into the tiles, so the rows
+and the scores stay per tile. Tiles partition their frame, so the confusion matrix
+summed over the tiles is the stitched frames' (tests/test_tiles_pipeline.py checks it
+against a scoring of the stitched frames).
+
 Output rows (predictions/*.parquet): image_id, split, mask (the ground truth, small,
 kept so the scoring needs no join), prediction (PNG), prediction_crf (PNG, with
 `predict.crf`). The scores on `predict.evaluate_splits` go to metrics.json under the
@@ -18,7 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .actors import ActorResources, map_with_model
+from .actors import ActorResources, actor_count, map_with_model
 from .config import CrfConfig
 from .data.codecs import decode_image, encode_mask, scaled_size
 from .data.dataset import open_dataset
@@ -86,25 +93,73 @@ class SegmentPredictor:
         return out
 
 
+class FramePredictor(SegmentPredictor):
+    """Ray Data callable class for `map_groups`: each call gets the rows of one frame
+    (its tiles, or one untiled image) and labels the whole frame."""
+
+    def __call__(self, group: dict) -> dict:
+        from .data.tiles import cut, stitch
+        from .refine.crf import dense_crf
+
+        boxes = group["tile_box"]
+        if boxes[0] is None:  # an untiled image: a frame of its own
+            return super().__call__(group)
+        images = [decode_image(d, f"image_id {i}") for d, i in zip(group["image"],
+                                                                     group["image_id"])]
+        h, w = (int(v) for v in group["parent_size"][0])
+        # tiles skipped at import (no class above the threshold) leave black holes: the
+        # model still sees the rest of the frame, and those pixels have no row to score
+        frame = stitch([(b, img) for b, img in zip(boxes, images)], h, w, fill=0)
+        scores = self.scores([frame])[0]
+        maps = {"prediction": scores.argmax(0).astype(np.uint8)}
+        if self.crf is not None:
+            maps["prediction_crf"] = dense_crf(frame, scores, self.crf).argmax(0).astype(
+                np.uint8)
+        out = {"image_id": group["image_id"], "split": group["split"], "mask": group["mask"]}
+        for name, label in maps.items():
+            out[name] = np.array([encode_mask(np.ascontiguousarray(cut(label, b)))
+                                  for b in boxes], dtype=object)
+        return out
+
+
+def _frame_key(batch):
+    """Add `frame`: the parent's id for a tile, the image's own id otherwise."""
+    import pyarrow.compute as pc
+
+    return batch.append_column("frame", pc.coalesce(batch.column("parent_id"),
+                                                    batch.column("image_id")))
+
+
 def prediction_dataset(config, dataset_path: str, model_dir: str, splits=None):
     """The (lazy) Ray Dataset of prediction rows for `splits` (default predict.splits)."""
+    from .data.dataset import TILE_COLUMNS, read_tiling
     from .runtime import gpus_usable
 
     cfg = config.predict
     use_gpu = gpus_usable(cfg.gpus_per_actor > 0, config.ray.allow_cpu_fallback,
                           "predict.gpus_per_actor", probe_gpus=cfg.gpus_per_actor)
-    ds = open_dataset(dataset_path, ["image_id", "split", "image", "mask"],
-                      list(splits or cfg.splits), rows_per_block=cfg.batch_size)
     res = ActorResources.of(cfg, "predict")
     if cfg.gpus_per_actor > 0 and not use_gpu:  # the CPU fallback: no GPU to ask Ray for
         res = ActorResources(cfg.num_actors or 1, cfg.cpus_per_actor, 0.0, "predict")
-    return map_with_model(
-        ds, SegmentPredictor,
-        {"model_dir": model_dir, "scales": cfg.scales, "flip": cfg.flip,
-         "threads": cfg.torch_threads or cfg.cpus_per_actor, "use_gpu": use_gpu,
-         "max_side": cfg.max_image_side, "crf": config.crf if cfg.crf else None,
-         "allow_cpu_fallback": config.ray.allow_cpu_fallback},
-        res, cfg.batch_size)
+    kwargs = {"model_dir": model_dir, "scales": cfg.scales, "flip": cfg.flip,
+              "threads": cfg.torch_threads or cfg.cpus_per_actor, "use_gpu": use_gpu,
+              "max_side": cfg.max_image_side, "crf": config.crf if cfg.crf else None,
+              "allow_cpu_fallback": config.ray.allow_cpu_fallback}
+    columns = ["image_id", "split", "image", "mask"]
+    splits = list(splits or cfg.splits)
+    if cfg.whole_frames and read_tiling(dataset_path) is not None:
+        # all the tiles of a frame in one call: a group-by (a shuffle of the rows of
+        # `splits`; images are small next to the model's work on them)
+        ds = open_dataset(dataset_path, columns + list(TILE_COLUMNS), splits)
+        ds = ds.map_batches(_frame_key, batch_format="pyarrow", batch_size=None)
+        import ray.data
+        # a few hash partitions per actor, not Ray Data's default of 200 (each a task)
+        return ds.groupby("frame", num_partitions=4 * actor_count(res)).map_groups(
+            FramePredictor, fn_constructor_kwargs=kwargs, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=actor_count(res)),
+            num_cpus=res.cpus_per_actor, num_gpus=res.gpus_per_actor or None)
+    ds = open_dataset(dataset_path, columns, splits, rows_per_block=cfg.batch_size)
+    return map_with_model(ds, SegmentPredictor, kwargs, res, cfg.batch_size)
 
 
 def score(config, info, predictions: str, splits: Sequence[str]) -> dict:
