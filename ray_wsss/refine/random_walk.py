@@ -28,9 +28,10 @@ import torch.nn.functional as F
 
 
 def _weights(affinity: torch.Tensor, offsets: np.ndarray, beta: float) -> torch.Tensor:
-    """A_β per pair at its source pixel: (P, h, w), 0 where the destination is outside."""
+    """A_β per pair at its source pixel: (..., P, h, w), 0 where the destination is
+    outside."""
     h, w = affinity.shape[-2:]
-    inside = torch.zeros_like(affinity, dtype=torch.bool)
+    inside = torch.zeros(affinity.shape[-3:], dtype=torch.bool, device=affinity.device)
     for p, (dy, dx) in enumerate(offsets):
         inside[p, max(0, -dy):h - max(0, dy), max(0, -dx):w - max(0, dx)] = True
     return torch.where(inside, affinity.clamp(0, 1) ** beta, torch.zeros_like(affinity))
@@ -38,26 +39,27 @@ def _weights(affinity: torch.Tensor, offsets: np.ndarray, beta: float) -> torch.
 
 def transition_weights(affinity: torch.Tensor, offsets, beta: float = 10.0
                        ) -> tuple[np.ndarray, torch.Tensor]:
-    """The non-zeros of T as planes: (shifts (2P + 1, 2) int, weights (2P + 1, h, w)) with
-    T[j + shifts[k], j] = weights[k, j] for every pixel j = (y, x).
+    """The non-zeros of T as planes: (shifts (2P + 1, 2) int, weights (..., 2P + 1, h, w))
+    with T[j + shifts[k], j] = weights[..., k, j] for every pixel j = (y, x).
 
-    affinity: (P, h, w) with affinity[p, y, x] = a between (y, x) and (y, x) + offsets[p].
-    Column j of T holds the pixel itself (shift (0, 0), A_jj = 1), its P forward
-    neighbours j + o_p (a(j, j + o_p)^β) and its P backward neighbours j − o_p (the same
-    pair seen from its other end, a(j − o_p, j)^β, which is what makes A symmetric), all
-    divided by the column sum (D⁻¹). Neighbours outside the image have weight 0.
+    affinity: (..., P, h, w) with affinity[..., p, y, x] = a between (y, x) and
+    (y, x) + offsets[p] (a leading batch dimension: one T per image). Column j of T holds
+    the pixel itself (shift (0, 0), A_jj = 1), its P forward neighbours j + o_p
+    (a(j, j + o_p)^β) and its P backward neighbours j − o_p (the same pair seen from its
+    other end, a(j − o_p, j)^β, which is what makes A symmetric), all divided by the
+    column sum (D⁻¹). Neighbours outside the image have weight 0.
     """
     offsets = np.asarray(offsets, np.int64).reshape(-1, 2)
-    n_off, h, w = affinity.shape
+    h, w = affinity.shape[-2:]
     fwd = _weights(affinity, offsets, beta)                      # A(j, j + o) at j
     # A(j - o, j) is stored at source j - o: move each plane forward by its offset
     bwd = torch.zeros_like(fwd)
     for p, (dy, dx) in enumerate(offsets):
-        bwd[p, max(0, dy):h + min(0, dy), max(0, dx):w + min(0, dx)] = \
-            fwd[p, max(0, -dy):h - max(0, dy), max(0, -dx):w - max(0, dx)]
-    weights = torch.cat([torch.ones_like(fwd[:1]), fwd, bwd])
+        bwd[..., p, max(0, dy):h + min(0, dy), max(0, dx):w + min(0, dx)] = \
+            fwd[..., p, max(0, -dy):h - max(0, dy), max(0, -dx):w - max(0, dx)]
+    weights = torch.cat([torch.ones_like(fwd[..., :1, :, :]), fwd, bwd], -3)
     shifts = np.concatenate([np.zeros((1, 2), np.int64), offsets, -offsets])
-    return shifts, weights / weights.sum(0, keepdim=True)
+    return shifts, weights / weights.sum(-3, keepdim=True)
 
 
 @torch.no_grad()
@@ -68,29 +70,42 @@ def random_walk(maps: torch.Tensor, affinity: torch.Tensor, offsets, beta: float
     maps: (n, h, w) float (the n classes, and a background map if you walk one);
     affinity: (P, h, w) in [0, 1] over `offsets` (P, 2) (`models.affinity.path_max_affinity`
     for one image); boundary: optional (h, w) boundary map, IRN's v_c = M_c ⊙ (1 − B).
-    Returns (n, h, w) in maps' dtype, on maps' device (CPU or CUDA). Not differentiable.
+    Or a batch of images of one size: maps (B, n, h, w), affinity (B, P, h, w), boundary
+    (B, h, w), each image walked over its own T (images with fewer classes padded with
+    zero maps, which stay zero): one pass of 2P + 1 operations per step for the batch,
+    where a GPU would otherwise wait on the launches of many small ones.
+    Returns maps' shape, dtype and device (CPU or CUDA). Not differentiable.
 
     Each step is (v T)_j = Σ_k weights[k, j] · v_{j + shifts[k]} (`transition_weights`):
     2P + 1 multiply-adds of shifted views of a zero-padded copy of the n maps, all maps
     at once, like a convolution whose kernel changes from pixel to pixel. Work
     O((2P + 1) n N) per step, memory O((2P + 1) N + n N).
     """
-    n, h, w = maps.shape
-    v = maps if boundary is None else maps * (1 - boundary.to(maps))
+    batched = maps.dim() == 4
+    if not batched:
+        maps, affinity = maps[None], affinity[None]
+        boundary = None if boundary is None else boundary[None]
+    if affinity.dim() != 4 or affinity.shape[0] != maps.shape[0]:
+        raise ValueError(f"affinity {tuple(affinity.shape)} does not match maps "
+                         f"{tuple(maps.shape)}")
+    b, n, h, w = maps.shape
+    v = maps if boundary is None else maps * (1 - boundary.to(maps)[:, None])
     shifts, weights = transition_weights(affinity.to(maps), offsets, beta)
+    weights = weights[:, :, None]                                 # (B, K, 1, h, w)
     r = int(np.abs(shifts).max()) if len(shifts) else 0
-    padded = v.new_zeros(n, h + 2 * r, w + 2 * r)                # pad stays 0: weight 0 there
-    inner = padded[:, r:r + h, r:r + w]
+    padded = v.new_zeros(b, n, h + 2 * r, w + 2 * r)             # pad stays 0: weight 0 there
+    inner = padded[..., r:r + h, r:r + w]
     inner.copy_(v)
-    views = [padded[:, r + dy:r + dy + h, r + dx:r + dx + w] for dy, dx in shifts]
+    views = [padded[..., r + dy:r + dy + h, r + dx:r + dx + w] for dy, dx in shifts]
     out = torch.empty_like(v)
     for _ in range(steps):
-        # in place: one (n, h, w) buffer each, no per-step allocation
-        torch.mul(weights[0], views[0], out=out)
+        # in place: one (B, n, h, w) buffer each, no per-step allocation
+        torch.mul(weights[:, 0], views[0], out=out)
         for k in range(1, len(views)):
-            out.addcmul_(weights[k], views[k])
+            out.addcmul_(weights[:, k], views[k])
         inner.copy_(out)
-    return inner.clone()
+    walked = inner.clone()
+    return walked if batched else walked[0]
 
 
 @torch.no_grad()

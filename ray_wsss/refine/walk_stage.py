@@ -89,45 +89,86 @@ class RandomWalker:
         self.cfg, self.background = cfg, background
         self.offsets = pair_offsets(cfg.radius)
 
-    def boundary(self, image: np.ndarray):
-        """image (H, W, 3) uint8 -> B (ceil(H/4), ceil(W/4)) float32 tensor in [0, 1]."""
+    def boundary(self, images):
+        """images (H, W, 3) uint8, or a list of them of one size -> B (ceil(H/4),
+        ceil(W/4)) float32 tensor in [0, 1] (B, h, w for a list: one forward pass)."""
         import torch
 
-        x = torch.from_numpy(image).to(self.device).permute(2, 0, 1)[None].float()
+        one = isinstance(images, np.ndarray)
+        x = torch.from_numpy(np.stack([images] if one else images)).to(self.device)
+        x = x.permute(0, 3, 1, 2).float()
         with torch.no_grad():
             logits = self.model.boundary_logits(x)
             if self.cfg.flip:
                 logits = (logits + self.model.boundary_logits(x.flip(-1)).flip(-1)) / 2
-        return torch.sigmoid(logits)[0, 0]
+        b = torch.sigmoid(logits)[:, 0]
+        return b[0] if one else b
 
     def walk(self, image: np.ndarray, cams: np.ndarray, classes: Sequence[int]
              ) -> tuple[np.ndarray, np.ndarray]:
         """image (H, W, 3) uint8, cams (n, H, W) of `classes` -> (mask (H, W) uint8,
         boundary (h, w) uint8 0..255 at stride 4 of the network's input)."""
+        return self.walk_many([image], [cams], [classes])[0]
+
+    def walk_many(self, images: Sequence[np.ndarray], cams: Sequence[np.ndarray],
+                  classes: Sequence[Sequence[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """`walk` for several images: those of one network input size share one boundary
+        forward pass and one batched walk (`random_walk` on (B, n, h, w))."""
         import torch
         import torch.nn.functional as F
 
         from ..models.affinity import path_max_affinity
+        from .random_walk import random_walk
+
+        cfg = self.cfg
+        small = []
+        for image in images:
+            h, w = image.shape[:2]
+            nh, nw = scaled_size(h, w, cfg.max_image_side)
+            small.append(image if (nh, nw) == (h, w) else cv2.resize(
+                image, (nw, nh), interpolation=cv2.INTER_AREA))
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, im in enumerate(small):
+            by_size.setdefault(im.shape[:2], []).append(i)
+        out: list = [None] * len(images)
+        for idx in by_size.values():
+            b = self.boundary([small[i] for i in idx])
+            maps = []
+            for j, i in enumerate(idx):
+                m = F.interpolate(torch.as_tensor(cams[i], dtype=torch.float32)[None].to(
+                    self.device), size=tuple(b.shape[1:]), mode="area")[0]
+                if cfg.walked_background and self.background:
+                    bg = (1 - m.max(0).values).clamp(min=0) ** cfg.background_power \
+                        if len(m) else torch.ones_like(b[j])
+                    m = torch.cat([bg[None], m])
+                maps.append(m)
+            width = max(len(m) for m in maps)
+            walked = None
+            if width:
+                stack = b.new_zeros(len(idx), width, *b.shape[1:])
+                for j, m in enumerate(maps):
+                    stack[j, :len(m)] = m
+                affinity = path_max_affinity(b[:, None], self.offsets)
+                walked = random_walk(stack, affinity, self.offsets, cfg.beta, cfg.steps,
+                                     boundary=b)
+            for j, i in enumerate(idx):
+                boundary_png = np.round(b[j].cpu().numpy() * 255).astype(np.uint8)
+                out[i] = (self._mask(images[i], small[i], walked[j, :len(maps[j])]
+                                     if walked is not None else None,
+                                     np.asarray(classes[i], np.int64)), boundary_png)
+        return out
+
+    def _mask(self, image: np.ndarray, small: np.ndarray, walked, classes: np.ndarray
+              ) -> np.ndarray:
+        """The label map (H, W) uint8 of one image from its walked maps."""
         from ..refine.crf import dense_crf
-        from .random_walk import random_walk, walk_to_mask
+        from .random_walk import walk_to_mask
 
         cfg = self.cfg
         h, w = image.shape[:2]
-        nh, nw = scaled_size(h, w, cfg.max_image_side)
-        small = image if (nh, nw) == (h, w) else cv2.resize(image, (nw, nh),
-                                                            interpolation=cv2.INTER_AREA)
-        b = self.boundary(small)
-        boundary_png = np.round(b.cpu().numpy() * 255).astype(np.uint8)
-        classes = np.asarray(classes, np.int64)
+        nh, nw = small.shape[:2]
         if len(classes) == 0:   # nothing to walk: all background
-            return np.zeros((h, w), np.uint8), boundary_png
-        maps = F.interpolate(torch.as_tensor(cams, dtype=torch.float32)[None].to(self.device),
-                             size=tuple(b.shape), mode="area")[0]
-        if cfg.walked_background and self.background:
-            bg = (1 - maps.max(0).values).clamp(min=0) ** cfg.background_power
-            maps = torch.cat([bg[None], maps])
-        affinity = path_max_affinity(b[None, None], self.offsets)[0]
-        walked = random_walk(maps, affinity, self.offsets, cfg.beta, cfg.steps, boundary=b)
+            return np.zeros((h, w), np.uint8)
         if cfg.crf.iterations > 0:
             scores, keys = walked_scores(walked, classes, cfg, self.background, (nh, nw))
             mask = keys[dense_crf(small, scores, walk_crf_config(cfg)).argmax(0)]
@@ -137,17 +178,19 @@ class RandomWalker:
                                 size=(nh, nw), stride=STRIDE)
         if (nh, nw) != (h, w):
             mask = cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)
-        return mask.astype(np.uint8), boundary_png
+        return mask.astype(np.uint8)
 
     def __call__(self, batch: dict) -> dict:
         found = self.cams.lookup(batch["image_id"])["cam"]
-        masks, boundaries = [], []
+        images, cams, classes = [], [], []
         for image_id, data, cam, vec in zip(batch["image_id"], batch["image"], found,
                                             label_matrix(batch["label_vector"])):
             where = f"image_id {image_id}"
-            mask, boundary = self.walk(decode_image(data, where),
-                                       decode_array(cam, f"cam of {where}").astype(np.float32),
-                                       vector_to_labels(vec))
+            images.append(decode_image(data, where))
+            cams.append(decode_array(cam, f"cam of {where}").astype(np.float32))
+            classes.append(vector_to_labels(vec))
+        masks, boundaries = [], []
+        for mask, boundary in self.walk_many(images, cams, classes):
             masks.append(encode_mask(mask))
             ok, buf = cv2.imencode(".png", boundary)
             boundaries.append(buf.tobytes())

@@ -78,6 +78,30 @@ def test_sparse_and_dense_agree_for_any_steps_and_a_boundary(steps):
         np.testing.assert_allclose(random_walk(*args).numpy(), maps * (1 - boundary))
 
 
+def test_a_batch_walks_each_image_over_its_own_affinities():
+    """A batch of images of one size (the stage's GPU path) gives each image's own walk,
+    an image with fewer classes padded with a zero map that stays zero."""
+    cases = [small_case(seed=s) for s in range(3)]
+    offsets = cases[0][0]
+    boundary = torch.rand(3, 12, 10, generator=torch.Generator().manual_seed(0)) * 0.5
+    alone = [random_walk(torch.tensor(m[:2 + i % 2]), torch.tensor(a), offsets, steps=32,
+                         boundary=boundary[i].double())
+             for i, (_, a, m) in enumerate(cases)]
+    maps = torch.zeros(3, 3, 12, 10, dtype=torch.float64)
+    for i, (_, _, m) in enumerate(cases):
+        maps[i, :2 + i % 2] = torch.tensor(m[:2 + i % 2])
+    batch = random_walk(maps, torch.tensor(np.stack([a for _, a, _ in cases])), offsets,
+                        steps=32, boundary=boundary.double())
+    assert batch.shape == (3, 3, 12, 10)
+    for i, walked in enumerate(alone):
+        torch.testing.assert_close(batch[i, :len(walked)], walked, rtol=0, atol=1e-12)
+        assert not batch[i, len(walked):].any()
+    # and the images really differ (else the test could not tell them apart)
+    assert (alone[0][:2] - alone[1][:2]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="does not match"):
+        random_walk(maps, torch.tensor(cases[0][1]), offsets)
+
+
 def test_transition_columns_sum_to_one():
     offsets, affinity, _ = small_case()
     shifts, weights = transition_weights(torch.from_numpy(affinity), offsets, 10.0)

@@ -25,7 +25,7 @@ def _walker(cfg: RandomWalkConfig, boundary: np.ndarray, background: bool = True
     walker.cfg, walker.background = cfg, background
     walker.offsets = pair_offsets(cfg.radius)
     walker.device = torch.device("cpu")
-    walker.boundary = lambda image: torch.from_numpy(boundary).float()
+    walker.boundary = lambda images: torch.from_numpy(np.stack([boundary] * len(images))).float()
     return walker
 
 
@@ -98,3 +98,21 @@ def test_the_crf_scores_are_those_of_the_mask_rule(walked_background, background
     scores, keys = walked_scores(walked, classes, cfg, background, (35, 41))
     want = walk_to_mask(walked, classes, 0.4, walked_background, background, size=(35, 41))
     assert np.array_equal(keys[scores.argmax(0)], want)
+
+
+@pytest.mark.parametrize("options", [{}, {"walked_background": True}])
+def test_a_batch_of_images_gives_each_image_its_own_walk(options):
+    """walk_many (one boundary pass and one batched walk per input size, as the stage
+    calls it) equals walking each image alone, whatever the number of classes."""
+    image, cams, _, boundary = _walled_square()
+    walker = _walker(RandomWalkConfig(enabled=True, **options), boundary)
+    rng = np.random.default_rng(0)
+    two = np.concatenate([cams, np.roll(cams, 20, axis=2)])
+    cases = [(image, cams, [2]), (image[:, ::-1].copy(), two, [1, 3]),
+             (image, cams[:0], []), (image, rng.random((1, 96, 96), np.float32), [4])]
+    together = walker.walk_many(*zip(*cases))
+    for (img, c, k), (mask, bnd) in zip(cases, together):
+        alone, alone_bnd = walker.walk(img, c, k)
+        np.testing.assert_array_equal(mask, alone)
+        np.testing.assert_array_equal(bnd, alone_bnd)
+    assert len({m.tobytes() for m, _ in together}) == 4   # four different masks
