@@ -110,10 +110,14 @@ def cmd_explain(args) -> int:
     run = Run(config)
     init_ray(config.ray)
     methods = args.methods.split(",") if args.methods else list(config.explain.methods)
+    from .graph import Step
+    rounds = [t for t in range(1, config.loop.rounds + 1) if run.is_done(Step("classifier", t))]
+    step = Step("classifier", args.round or (rounds[-1] if rounds else 1))
     with run_lock(run):  # explain writes into the run directory: one writer at a time
-        result = run_explain(config, run, [m.strip() for m in methods if m.strip()])
+        result = run_explain(config, run, [m.strip() for m in methods if m.strip()],
+                             classifier=step.key)
     close_stale_progress_bars()
-    print(f"\nExplaining methods on {result['images']} images "
+    print(f"\nExplaining methods ({step.key}) on {result['images']} images "
           f"(XAI metrics in %, over detected classes; seed mIoU at the best threshold):")
     print(format_table(result["rows"]))
     print(f"table: {run.path('explain', 'comparison.csv')}")
@@ -173,6 +177,14 @@ def _walk_on(root: str) -> bool:
                 .get("enabled", False))
 
 
+def _mode(root: str) -> str:
+    """The run's segmenter.mode (semi-weak mode), as its manifest records the config."""
+    path = storage.join(root, "manifest.json")
+    if not storage.exists(path):
+        return "weak"
+    return storage.read_json(path).get("config", {}).get("segmenter", {}).get("mode", "weak")
+
+
 def print_summary(root: str) -> None:
     """The table of the evaluate stage and the report's path."""
     path = storage.join(root, "metrics.json")
@@ -203,6 +215,9 @@ def print_summary(root: str) -> None:
         walked = metrics.get("random_walk", {}).get("scores", {}) if _walk_on(root) else {}
         rows += [("random-walk masks", walked[split]["rw_mask"]) for split in ev["splits"]
                  if split in walked]
+        hybrid = (last("pct")[1] or {}).get("masks") if _mode(root) == "pct" else None
+        if hybrid:  # scored on the train images with a mask that were not pixel-labelled
+            rows.append((f"hybrid-net masks (train, {hybrid['images']} img)", hybrid))
         model = (last("predict")[1] or {}).get("scores", {})
         for split in ev["splits"]:
             if split in model:
@@ -361,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     run_args(q)
     q.add_argument("--methods", help="comma-separated, e.g. cam,gradcam,minmax "
                                      "(default: explain.methods)")
+    q.add_argument("--round", type=int, default=None,
+                   help="the round whose classifier is explained (default: the last "
+                        "finished one)")
     q.set_defaults(fn=cmd_explain)
     q = sub.add_parser("sweep", help="a Ray Tune sweep from tuning/NAME.yaml")
     q.add_argument("name", help="thresholds, regularizers, ... or a sweep YAML file")

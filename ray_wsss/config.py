@@ -275,6 +275,12 @@ class SegmenterConfig:
     decoder_channels: int = 256
     masks: Literal["crf", "seeds", "random_walk"] = "crf"
     unsure_band: tuple[float, float] | None = None
+    # semi-weak mode (sections `semi`, `pct`): `weak` learns the pseudo masks with
+    # cross entropy (and the ground truth of the pixel-labelled images `semi` names, if
+    # any); `cce` the same with class-aware cross entropy (softmax over the image's
+    # classes and background); `pct` learns the hybrid net's label-restricted
+    # predictions (stage `pct`) with CCE, the pixel-labelled images their ground truth
+    mode: Literal["weak", "cce", "pct"] = added("weak")
     epochs: int = 10
     batch_size: int = 16             # global batch, split over the workers
     lr: float = 0.01
@@ -296,6 +302,63 @@ class SegmenterConfig:
     cpus_per_worker: int = 1
     torch_threads: int | None = None
     max_failures: int = 2
+
+
+@dataclass(frozen=True)
+class SemiConfig:
+    """Semi-weak mode: which train images are pixel-labelled (their ground-truth masks are
+    learned); every other train image contributes its tags only, even where the dataset
+    holds its mask. `labelled_file`: a text file of image ids, one per line (`#` starts
+    a comment); or `labelled_count` ids drawn with `seed` from the sorted ids of the
+    segmenter's train split that have a mask. Neither: no image is pixel-labelled.
+    Images of any other split are refused. Part of the hash of the steps that read it
+    (the file by its content)."""
+    labelled_file: str | None = None
+    labelled_count: int = 0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PctConfig:
+    """Progressive cross training (Pattern Recognition 2022; stage `pct`, used when
+    `segmenter.mode: pct`): a hybrid net H and a pseudo net P, DeepLabV3+ of the
+    segmenter's architecture with weights not shared, fitted together on Ray Train, each
+    batch half pixel-labelled, half tagged. H: CCE on ground truth + `tag_weight` x
+    multi-label BCE on the global max pooling of its class maps + `cross_weight` x CCE
+    towards P's label-restricted argmax on the tagged half, weighted per image by
+    (min over its classes of J_c) ** `weight_power`; P: CCE towards H's label-restricted
+    argmax on the tagged half. J_c: P's running IoU on the pixel-labelled half, from
+    counters decayed by `iou_momentum` and summed over the workers. H's label-restricted
+    predictions of the train split (TTA `scales`, `flip`) are the segmenter's targets."""
+    epochs: int = 10
+    batch_size: int = 16             # global, half pixel-labelled and half tagged
+    lr: float = 0.01
+    head_lr_multiplier: float = 10.0
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 0.0
+    crop_size: int = 128
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    hflip: bool = True
+    color_jitter: float = 0.3
+    tag_weight: float = 1.0
+    cross_weight: float = 1.0
+    weight_power: float = 8.0
+    iou_momentum: float = 0.99
+    scales: tuple[float, ...] = (1.0,)
+    flip: bool = True
+    max_image_side: int | None = 1024  # larger images are shrunk for H's predictions
+    seed: int = 0
+    # resources (not part of the stage hash): the fit's workers, the prediction actors
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    torch_threads: int | None = None
+    max_failures: int = 2
+    predict_batch_size: int = 8
+    num_actors: int | None = None
+    cpus_per_actor: int = 1
+    gpus_per_actor: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -380,6 +443,12 @@ class AffinityConfig:
     fg_threshold: float = 0.30
     bg_threshold: float = 0.05
     label_crf: LabelCrfConfig = field(default_factory=LabelCrfConfig)
+    # `saliency` (C²AM-H, P-NOC): the C²AM saliency map S (stage `saliency`) replaces the
+    # low CAM threshold: background = CRF(S < saliency_threshold), foreground =
+    # CRF(salient ⊙ argmax([saliency_fg_threshold, M])); `cams`: the two thresholds above
+    labels_from: Literal["cams", "saliency"] = added("cams")
+    saliency_threshold: float = added(0.10)
+    saliency_fg_threshold: float = added(0.40)
     init: Literal["classifier", "pretrained"] = "classifier"
     radius: int = 10
     epochs: int = 3
@@ -399,6 +468,66 @@ class AffinityConfig:
     torch_threads: int | None = None
     max_failures: int = 2
     label_cpus_per_task: float = 1.0
+
+
+@dataclass(frozen=True)
+class C2amConfig:
+    """C²AM (Xie et al., "C2AM: Contrastive learning of Class-agnostic Activation Map",
+    CVPR 2022) with CAM hints (C²AM-H, David et al. 2024, P-NOC), fitted with Ray Train
+    when `affinity.labels_from: saliency`.
+
+    A one-channel head on the backbone gives A = sigmoid(.); per image v_fg = mean(A f),
+    v_bg = mean((1 - A) f). Across the batch (and `memory_size` past embeddings of the
+    worker, so small CPU batches still see many pairs) fg-fg and bg-bg pairs are pulled
+    together (-log cos, rank-weighted exp(-rank_alpha * rank)) and fg-bg pairs pushed
+    apart (-log(1 - cos)). Hints: BCE towards 1 (smoothed by `label_smoothing`) where the
+    classifier's max CAM is >= `hint_fg_threshold`, weight `hint_weight` (0: plain C²AM,
+    polarity then chosen by CCAM's border rule); `hint_bg_threshold` also pulls A towards
+    0 where the max CAM is below it (null: off, as P-NOC's final recipe). `init`: the
+    backbone's start (as segmenter.init). CCAM: batch 32, lr 0.001 (head x10), 10 epochs,
+    crop 448."""
+    init: Literal["auto", "pretrained", "classifier", "scratch"] = "auto"
+    hint_weight: float = 1.0
+    hint_fg_threshold: float = 0.4
+    hint_bg_threshold: float | None = None
+    label_smoothing: float = 0.1
+    rank_alpha: float = 0.25
+    memory_size: int = 0             # past fg/bg embeddings per worker in the losses
+    epochs: int = 10
+    batch_size: int = 32             # global batch, split over the workers
+    lr: float = 0.001
+    head_lr_multiplier: float = 10.0
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    crop_size: int = 448
+    scale_range: tuple[float, float] = (0.7, 1.3)
+    hflip: bool = True
+    seed: int = 0
+    # resources (not part of the stage hash)
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    torch_threads: int | None = None
+    max_failures: int = 2
+
+
+@dataclass(frozen=True)
+class SaliencyConfig:
+    """The C²AM saliency of every image of `splits` (Ray Data actors): the map A (mean
+    of the image's and its mirror's logits when `flip`), the mask argmax([threshold, A])
+    cleaned by a dense CRF from labels (`crf`, IRN's label CRF). Scored against ground
+    truth foreground / background."""
+    threshold: float = 0.2
+    flip: bool = True
+    crf: LabelCrfConfig = field(default_factory=LabelCrfConfig)
+    splits: tuple[str, ...] = ("train", "val")
+    max_image_side: int | None = 1024
+    batch_size: int = 8
+    # resources
+    num_actors: int | None = None
+    cpus_per_actor: int = 1
+    gpus_per_actor: float = 0.0
+    torch_threads: int | None = None
 
 
 @dataclass(frozen=True)
@@ -509,8 +638,12 @@ class PipelineConfig:
     crf: CrfConfig = field(default_factory=CrfConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
+    semi: SemiConfig = field(default_factory=SemiConfig)
+    pct: PctConfig = field(default_factory=PctConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     affinity: AffinityConfig = field(default_factory=AffinityConfig)
+    c2am: C2amConfig = field(default_factory=C2amConfig)
+    saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
     random_walk: RandomWalkConfig = field(default_factory=RandomWalkConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     explain: ExplainConfig = field(default_factory=ExplainConfig)

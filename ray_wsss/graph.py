@@ -5,6 +5,10 @@ dataset ─► classifier ─► cams ─► crf ─► evaluate            (pse
                                    └──► segmenter ─► predict  (DeepLabV3+ fitted, applied, scored)
                           cams ─► affinity_labels ─► affinity ─► random_walk   (IRN; when
                                                   report     (after the last step)  enabled)
+          classifier, cams ─► c2am ─► saliency ─► affinity_labels  (C²AM-H: when
+                                     affinity.labels_from is saliency)
+       dataset, classifier ─► pct ─► segmenter   (semi-weak mode: when segmenter.mode is
+                                                  pct, in place of crf's masks)
 ```
 
 A stage may be off for a config (`enabled`: the random-walk stages unless
@@ -38,10 +42,13 @@ from . import storage
 from .cams import stage as _cams
 from .data import stage as _dataset
 from .refine import affinity_stage as _affinity_labels
+from .refine import saliency as _saliency
 from .refine import stage as _crf
 from .refine import walk_stage as _random_walk
 from .train import affinity as _affinity
+from .train import c2am as _c2am
 from .train import classifier as _classifier
+from .train import pct as _pct
 from .train import prior as _prior
 from .train import segmenter as _segmenter
 
@@ -75,13 +82,67 @@ def _random_walk_on(config) -> bool:
     return config.random_walk.enabled
 
 
+def _saliency_on(config) -> bool:
+    """C²AM-H: the affinity labels come from saliency (needs the random-walk stages)."""
+    return config.random_walk.enabled and config.affinity.labels_from == "saliency"
+
+
+def _c2am_hints(config) -> bool:
+    return config.c2am.hint_weight > 0
+
+
+def _c2am_from_classifier(config) -> bool:
+    return _c2am.init_source(config) == "classifier"
+
+
 def _walk_masks(config) -> bool:
     return config.segmenter.masks == "random_walk"
 
 
+def _pct_on(config) -> bool:
+    """Semi-weak mode with progressive cross training (segmenter.mode: pct)."""
+    return config.segmenter.mode == "pct"
+
+
+def _masks_from_cams(config) -> bool:
+    """The segmenter learns masks made from the CAMs (not the pct step's)."""
+    return config.segmenter.mode != "pct"
+
+
+def _pct_from_classifier(config) -> bool:
+    return _segmenter.init_source(config) == "classifier"
+
+
+def _labelled_images(config) -> bool:
+    from .data.labelled import has_labelled
+    return has_labelled(config)
+
+
+def _labelled_file(config, cache: dict) -> list[str]:
+    from .data.labelled import labelled_file_fingerprint
+    return labelled_file_fingerprint(config, cache)
+
+
+# The segmenter's fields that decide the architecture and start of the pct step's nets;
+# its other fields are the final fit's
+SEGMENTER_NET_FIELDS = frozenset({"backbone", "pretrained", "output_stride", "init",
+                                  "aspp_channels", "decoder_channels", "train_split",
+                                  "val_split"})
+
+
+def _segmenter_fit_fields() -> frozenset:
+    import dataclasses
+
+    from .config import SegmenterConfig
+    return frozenset(f.name for f in dataclasses.fields(SegmenterConfig)) - \
+        SEGMENTER_NET_FIELDS
+
+
 # The fields of `affinity` that decide the affinity labels; the others are the fit's
 # (changing the epochs must not recompute the labels' CRFs).
-AFFINITY_LABEL_FIELDS = frozenset({"fg_threshold", "bg_threshold", "label_crf"})
+AFFINITY_LABEL_FIELDS = frozenset({"fg_threshold", "bg_threshold", "label_crf",
+                                   "labels_from", "saliency_threshold",
+                                   "saliency_fg_threshold"})
 AFFINITY_RESOURCES = frozenset({"num_workers", "use_gpu", "cpus_per_worker", "torch_threads",
                                 "max_failures", "label_batch_size", "label_cpus_per_task"})
 
@@ -133,6 +194,10 @@ class Stage:
     # fields of its sections that decide another stage's result, not this one's: left
     # out of its hash like resources
     unhashed: dict[str, frozenset] = field(default_factory=dict)
+    # sections hashed only when their predicate holds for the config (`semi` in the
+    # segmenter's hash only when it names pixel-labelled images): a section added to a
+    # stage later leaves older runs' hashes as they were while it is not used
+    optional_sections: dict[str, Callable] = field(default_factory=dict)
 
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
@@ -169,10 +234,24 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("evaluate", ("seeds", "evaluate"), ("cams", "crf"), _evaluate.run, None,
           "score CAM seeds and pseudo masks against ground truth", later={"labels": None},
           resources={"evaluate": frozenset({"batch_size"})}),
+    # C²AM-H (affinity.labels_from: saliency): a class-agnostic map fitted with CAM
+    # hints, its saliency replacing the low CAM threshold of the affinity labels
+    Stage("c2am", ("model", "c2am"), ("dataset", "classifier", "cams"), _c2am.run, "c2am",
+          "fit C²AM with CAM hints, the class-agnostic foreground map (Ray Train, DDP)",
+          later={"labels": None}, enabled=_saliency_on,
+          optional={"cams": _c2am_hints, "classifier": _c2am_from_classifier},
+          resources={"c2am": frozenset({"num_workers", "use_gpu", "cpus_per_worker",
+                                        "torch_threads", "max_failures"})}),
+    Stage("saliency", ("saliency",), ("c2am",), _saliency.run, "saliency",
+          "C²AM saliency maps and CRF masks, scored (Ray Data actors)",
+          later={"labels": None}, enabled=_saliency_on,
+          resources={"saliency": frozenset({"batch_size", "num_actors", "cpus_per_actor",
+                                            "gpus_per_actor", "torch_threads"})}),
     # IRN (random_walk.enabled): affinity labels, boundary network, random-walk masks
-    Stage("affinity_labels", ("affinity",), ("cams",), _affinity_labels.run,
+    Stage("affinity_labels", ("affinity",), ("cams", "saliency"), _affinity_labels.run,
           "affinity_labels", "IRN's affinity labels from the train split's CAMs (Ray Data "
           "tasks)", later={"labels": None}, enabled=_random_walk_on,
+          optional={"saliency": _saliency_on},
           resources={"affinity": AFFINITY_RESOURCES},
           unhashed={"affinity": _affinity_fit_fields()}),
     Stage("affinity", ("affinity",), ("classifier", "affinity_labels"), _affinity.run,
@@ -186,10 +265,25 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
                                                "gpus_per_actor", "torch_threads"})}),
     # self-training (loop.feedback: labels): round t's model learns from round t-1's
     # CRF-refined predictions, its backbone starting where round 1's did
-    Stage("segmenter", ("segmenter",), ("classifier", "cams", "crf", "random_walk"),
+    # semi-weak mode (segmenter.mode: pct): hybrid + pseudo net on the pixel-labelled and
+    # the tagged train images; the hybrid net's label-restricted masks of the train split
+    Stage("pct", ("semi", "pct", "segmenter"), ("dataset", "classifier"), _pct.run, "pct",
+          "progressive cross training of the hybrid and pseudo nets (semi-weak mode; Ray "
+          "Train, DDP), the hybrid net's masks of the train split (Ray Data actors)",
+          later={"labels": None}, enabled=_pct_on,
+          optional={"classifier": _pct_from_classifier},
+          resources={"pct": frozenset({"num_workers", "use_gpu", "cpus_per_worker",
+                                       "torch_threads", "max_failures",
+                                       "predict_batch_size", "num_actors", "cpus_per_actor",
+                                       "gpus_per_actor"})},
+          unhashed={"segmenter": _segmenter_fit_fields()}, external=_labelled_file),
+    Stage("segmenter", ("segmenter", "semi"), ("classifier", "cams", "crf", "random_walk",
+                                               "pct"),
           _segmenter.run, "segmenter", "fit DeepLabV3+ on the pseudo masks (Ray Train, DDP)",
           later={"labels": ("classifier@1", "predict@prev")},
-          optional={"random_walk": _walk_masks},
+          optional={"random_walk": _walk_masks, "pct": _pct_on, "cams": _masks_from_cams,
+                    "crf": _masks_from_cams},
+          optional_sections={"semi": _labelled_images}, external=_labelled_file,
           resources={"segmenter": frozenset({"num_workers", "use_gpu", "cpus_per_worker",
                                              "torch_threads", "max_failures",
                                              "cache_images"})}),
@@ -198,7 +292,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           resources={"predict": frozenset({"batch_size", "num_actors", "cpus_per_actor",
                                            "gpus_per_actor", "torch_threads"})}),
     Stage("report", ("report",), ("cams@last", "crf@last", "evaluate@last", "predict@last",
-                                  "random_walk@last"),
+                                  "random_walk@last", "saliency@last"),
           _report.run, "report", "the HTML report", per_round=False),
 )}
 STAGE_NAMES = tuple(STAGES)

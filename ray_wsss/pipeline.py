@@ -50,7 +50,9 @@ def run_step(step: Step, config: PipelineConfig, run: Run, force: bool = False,
     """Run one step unless it is up to date; returns its summary (None when skipped)."""
     stage = get(step.stage)
     if not stage.enabled(config):
-        _log(f"stage {step.key}: off for this config (random_walk.enabled is false), skipped")
+        # (the random-walk stages unless random_walk.enabled, pct unless segmenter.mode
+        # is pct, ...: graph.py's `enabled`)
+        _log(f"stage {step.key}: off for this config, skipped")
         return None
     if not force and run.is_done(step):
         _log(f"stage {step.key}: up to date, skipped")

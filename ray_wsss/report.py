@@ -251,6 +251,12 @@ def _gallery_item(row: dict, info: DatasetInfo) -> str:
     walk = decode_mask(row["rw_mask"]) if row.get("rw_mask") is not None else None
     if walk is not None:
         figs.append(("random-walk mask", _thumb(mask_overlay(image, walk), True), True))
+    if row.get("saliency") is not None:  # C²AM-H: the class-agnostic map and its mask
+        saliency = decode_mask(row["saliency"]).astype(np.float32) / 255
+        figs.append(("C²AM saliency", _thumb(heatmap_overlay(image, saliency)), False))
+    if row.get("saliency_mask") is not None:
+        figs.append(("saliency mask", _thumb(mask_overlay(
+            image, decode_mask(row["saliency_mask"]))), True))
     if row.get("boundary") is not None:  # the affinity network's, at stride 4
         boundary = cv2.resize(decode_mask(row["boundary"]), image.shape[1::-1],
                               interpolation=cv2.INTER_LINEAR).astype(np.float32) / 255
@@ -303,6 +309,8 @@ def sample_rows(ctx, split: str, n: int) -> list[dict]:
             sources.append((prior, ["prior"]))
     if ctx.has_input("random_walk"):
         sources.append((ctx.input("random_walk"), ["rw_mask", "boundary"]))
+    if ctx.has_input("saliency"):
+        sources.append((ctx.input("saliency"), ["saliency", "saliency_mask"]))
     return read_joined(sources, chosen)
 
 
@@ -455,6 +463,13 @@ def render_page(run, info: DatasetInfo, metrics: dict, rows: list[dict],
     if walk_same is not None:
         cards.append(("random-walk masks mIoU", _pct(walk_same["miou"]),
                       f"pixel accuracy {_pct(walk_same['pixel_accuracy'])}"))
+    salient = (metrics.get("saliency") or {}).get("scores", {})
+    sal_same = next((salient[s] for s in (ev.get("splits") or []) if s in salient),
+                    next(iter(salient.values()), None))
+    if sal_same is not None and sal_same.get("fg_iou") is not None:
+        cards.append(("C²AM saliency: foreground IoU", _pct(sal_same["fg_iou"]),
+                      f"precision {_pct(sal_same['fg_precision'])} · recall "
+                      f"{_pct(sal_same['fg_recall'])}"))
     for split, m in scores.items():
         cards.append((f"segmentation model mIoU ({split})", _pct(m["prediction"]["miou"]),
                       f"pixel accuracy {_pct(m['prediction']['pixel_accuracy'])} · "
@@ -537,6 +552,7 @@ def run(config, ctx) -> dict:
     # curves read every round
     metrics["evaluate"] = ctx.metrics("evaluate")
     metrics["random_walk"] = ctx.metrics("random_walk") if ctx.has_input("random_walk") else {}
+    metrics["saliency"] = ctx.metrics("saliency") if ctx.has_input("saliency") else {}
     last = Step("classifier", last_round("classifier", config.loop)).key
     metrics["classifier"] = metrics.get(last, metrics.get("classifier", {}))
     segmenter = Step("segmenter", last_round("segmenter", config.loop)).key

@@ -98,8 +98,11 @@ class Run:
             skip = resource_fields()
             for section, names in stage.unhashed.items():
                 skip[section] = skip.get(section, frozenset()) | names
+            sections = [s for s in stage.sections
+                        if s not in stage.optional_sections
+                        or stage.optional_sections[s](self.config)]
             self._hashes[key] = section_hash(
-                self.config, stage.sections,
+                self.config, sections,
                 upstream + stage.external(self.config, self._fingerprints), skip)
         return self._hashes[key]
 

@@ -222,6 +222,20 @@ RULES: dict[str, Rule] = {
     "segmenter.aspp_channels": at_least(1),
     "segmenter.decoder_channels": at_least(1),
     "segmenter.unsure_band": ordered_pair(between(0, 1)),
+    # semi-weak mode
+    "semi.labelled_count": at_least(0),
+    **_fit_rules("pct"),
+    "pct.batch_size": at_least(2),           # half pixel-labelled, half tagged
+    "pct.tag_weight": at_least(0),
+    "pct.cross_weight": at_least(0),
+    "pct.weight_power": at_least(0),
+    "pct.iou_momentum": between(0, 1, high_open=True),
+    "pct.scales": each(above(0)),
+    "pct.max_image_side": at_least(MIN_IMAGE_SIDE),
+    "pct.predict_batch_size": at_least(1),
+    "pct.num_actors": at_least(1),
+    "pct.cpus_per_actor": at_least(1),
+    "pct.gpus_per_actor": at_least(0),
     # predict
     "predict.scales": each(above(0)),
     "predict.max_image_side": at_least(MIN_IMAGE_SIDE),
@@ -249,6 +263,37 @@ RULES: dict[str, Rule] = {
     "affinity.torch_threads": at_least(1),
     "affinity.max_failures": at_least(-1),
     "affinity.label_cpus_per_task": above(0),
+    "affinity.saliency_threshold": between(0, 1),
+    "affinity.saliency_fg_threshold": between(0, 1),
+    # C²AM-H (affinity.labels_from: saliency)
+    "c2am.hint_weight": at_least(0),
+    "c2am.hint_fg_threshold": between(0, 1),
+    "c2am.hint_bg_threshold": between(0, 1),
+    "c2am.label_smoothing": between(0, 1, high_open=True),
+    "c2am.rank_alpha": at_least(0),
+    "c2am.memory_size": at_least(0),
+    "c2am.epochs": at_least(1),
+    "c2am.batch_size": at_least(2),          # the contrastive terms need pairs
+    "c2am.lr": above(0),
+    "c2am.head_lr_multiplier": above(0),
+    "c2am.momentum": between(0, 1, high_open=True),
+    "c2am.weight_decay": at_least(0),
+    "c2am.crop_size": at_least(MIN_CROP),
+    "c2am.scale_range": ordered_pair(above(0)),
+    "c2am.num_workers": at_least(1),
+    "c2am.cpus_per_worker": at_least(1),
+    "c2am.torch_threads": at_least(1),
+    "c2am.max_failures": at_least(-1),
+    "saliency.threshold": between(0, 1, high_open=True),
+    "saliency.crf.gt_prob": inside(0, 1),
+    **_crf_kernel_rules("saliency.crf"),
+    "saliency.splits": non_empty(),
+    "saliency.max_image_side": at_least(MIN_IMAGE_SIDE),
+    "saliency.batch_size": at_least(1),
+    "saliency.num_actors": at_least(1),
+    "saliency.cpus_per_actor": at_least(1),
+    "saliency.gpus_per_actor": at_least(0),
+    "saliency.torch_threads": at_least(1),
     # random walk
     "random_walk.radius": at_least(2),
     "random_walk.beta": above(0),
@@ -279,7 +324,8 @@ RULES: dict[str, Rule] = {
 
 # Numeric keys that take any value of their type on purpose.
 UNCHECKED = {"data.demo.seed", "data.mask_offset", "classifier.seed", "cams.seed",
-             "segmenter.seed", "affinity.seed"}
+             "segmenter.seed", "affinity.seed", "semi.seed", "pct.seed",
+             "c2am.seed"}
 
 
 def _lookup(config: Any, key: str) -> Any:
@@ -339,10 +385,47 @@ def _loop_prior_needs_train_cams(config: PipelineConfig) -> "str | None":
     return None
 
 
+def _one_labelled_source(config: PipelineConfig) -> "str | None":
+    semi = config.semi
+    if semi.labelled_file and semi.labelled_count > 0:
+        return ("semi.labelled_file and semi.labelled_count both name the pixel-labelled "
+                "images: set one of them")
+    return None
+
+
+def _pct_needs_labelled_images(config: PipelineConfig) -> "str | None":
+    semi = config.semi
+    if config.segmenter.mode == "pct" and not semi.labelled_file and \
+            semi.labelled_count <= 0:
+        return ("segmenter.mode: 'pct' needs pixel-labelled images: set "
+                "semi.labelled_count or semi.labelled_file")
+    return None
+
+
+def _saliency_labels(config: PipelineConfig) -> "str | None":
+    """affinity.labels_from: saliency needs the random-walk stages and the saliency of
+    the train split; the C²AM hints' thresholds in order."""
+    c2am = config.c2am
+    if c2am.hint_bg_threshold is not None and c2am.hint_bg_threshold > c2am.hint_fg_threshold:
+        return (f"c2am.hint_bg_threshold {c2am.hint_bg_threshold} is above "
+                f"c2am.hint_fg_threshold {c2am.hint_fg_threshold}")
+    if config.affinity.labels_from != "saliency":
+        return None
+    if not config.random_walk.enabled:
+        return ("affinity.labels_from: 'saliency' needs random_walk.enabled: true (the "
+                "affinity labels are made for IRN's random walk)")
+    split = config.classifier.train_split
+    if split not in config.saliency.splits:
+        return (f"affinity.labels_from: 'saliency' reads the saliency of the train split "
+                f"{split!r}, which saliency.splits {list(config.saliency.splits)} leaves out")
+    return None
+
+
 # Rules over several keys: each returns what is wrong (naming the keys), or None.
 CROSS_CHECKS: tuple[Callable[[PipelineConfig], "str | None"], ...] = (
     _random_walk_masks, _random_walk_train_cams, _self_training_needs_crf,
-    _loop_prior_needs_train_cams)
+    _loop_prior_needs_train_cams, _one_labelled_source, _pct_needs_labelled_images,
+    _saliency_labels)
 
 
 def numeric_keys(cls: type = PipelineConfig, prefix: str = "") -> list[str]:

@@ -15,7 +15,8 @@ def test_demo_config_loads():
     assert isinstance(cfg.classifier.lr, float) and cfg.classifier.scale_range == (0.7, 1.3)
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "camvid.yaml", "voc.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "camvid.yaml", "camvid_tiles.yaml", "voc.yaml",
+                                  "coco.yaml"])
 def test_shipped_configs_are_valid(name):
     path = os.path.join(REPO, "configs", name)
     if not os.path.exists(path):

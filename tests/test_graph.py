@@ -39,8 +39,8 @@ def test_round_one_hashes_equal_those_of_the_first_release(name, tmp_path):
 
 def test_every_stage_is_one_entry_with_an_explicit_entry_function():
     assert graph.STAGE_NAMES == ("dataset", "prior", "classifier", "cams", "crf", "evaluate",
-                                 "affinity_labels", "affinity", "random_walk",
-                                 "segmenter", "predict", "report")
+                                 "c2am", "saliency", "affinity_labels", "affinity",
+                                 "random_walk", "pct", "segmenter", "predict", "report")
     for stage in STAGES.values():
         assert list(inspect.signature(stage.entry).parameters)[:2] == ["config", "ctx"]
         names = [u.partition("@") for u in stage.inputs]

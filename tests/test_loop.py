@@ -142,3 +142,20 @@ def test_the_iterations_sweep_reports_every_round(loop_run, ray_local):
     best = max(range(2), key=lambda i: per_round[i]) + 1
     assert row["metrics"]["best_round"] == best
     assert row["metrics"]["best_model_miou"] == pytest.approx(100 * max(per_round))
+
+
+def test_explain_runs_the_round_two_classifier_with_its_prior(loop_run, ray_local):
+    """`ray-wsss explain --round 2`: the round-2 classifier takes the prior as its fourth
+    channel; explain joins prior@2, so its CAM row scores the seeds evaluate@2 scored."""
+    from ray_wsss.cams.explain import run_explain
+
+    root, _, _ = loop_run
+    config = micro_config(root, ["loop.rounds=2", "explain.road_percentiles=[50]",
+                                 "explain.curve_steps=2"])
+    run = Run(config)
+    result = run_explain(config, run, ["cam"], classifier="classifier@2")
+    metrics = json.load(open(os.path.join(root, "metrics.json")))
+    assert result["images"] == 16
+    evaluated = metrics["evaluate@2"]["cams"]["best"]["miou"]
+    assert result["rows"][0]["seed_miou"] == pytest.approx(100 * evaluated, abs=0.05)
+    assert metrics["explain"]["classifier"] == "classifier@2"

@@ -41,22 +41,11 @@ def _fit_killed_after_its_first_checkpoint(run) -> None:
     """The affinity fit, with its Ray Train worker killed once the first epoch's
     checkpoint is registered (as tests/test_fault_tolerance.py does for the classifier
     and the segmenter)."""
-    from .test_fault_tolerance import _in_thread, _kill_when
+    from .test_fault_tolerance import _first_checkpoint_registered, _in_thread, _kill_when
 
     fits = os.path.join(run.root, "affinity", "ray_train", "fit-*")
     t, box = _in_thread(lambda: run_stage("affinity", run.config, run))
-
-    def first_checkpoint_registered():
-        for fit in glob.glob(fits):
-            try:
-                with open(os.path.join(fit, "checkpoint_manager_snapshot.json")) as fh:
-                    results = json.load(fh)["checkpoint_results"]
-            except (OSError, ValueError, KeyError):
-                continue
-            if any(r["metrics"].get("epoch") == 1 for r in results):
-                return True
-        return False
-    _kill_when("RayTrainWorker", first_checkpoint_registered, timeout=240)
+    _kill_when("RayTrainWorker", _first_checkpoint_registered(fits), timeout=240)
     t.join(400)
     assert "error" not in box, box.get("error")
 

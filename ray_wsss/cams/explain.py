@@ -47,7 +47,7 @@ class Explainer:
                  background: bool, sample_ids, threads: int = 1, use_gpu: bool = False,
                  options: dict | None = None, max_side: int | None = None,
                  faithfulness: FaithfulnessOptions = FaithfulnessOptions(),
-                 box_threshold: float = 0.2):
+                 box_threshold: float = 0.2, prior_channels: int = 0):
         from .predict import MapMaker
 
         self.maker = MapMaker(model_dir, scales, flip, threads, use_gpu, options, max_side)
@@ -56,6 +56,7 @@ class Explainer:
         self.n_labels, self.background = n_labels, background
         self.sample_ids = set(sample_ids)
         self.faithfulness, self.box_threshold = faithfulness, box_threshold
+        self.prior_channels = prior_channels
 
     def _seed_confusion(self, maps, classes, gt) -> np.ndarray:
         from ..refine.seeds import seed_mask, seed_sweep
@@ -67,8 +68,14 @@ class Explainer:
     def __call__(self, batch: dict) -> dict:
         import torch
 
+        from ..data.transforms import decode_prior, with_prior
+
         ids = batch["image_id"]
         images = [decode_image(d, f"image_id {i}") for d, i in zip(batch["image"], ids)]
+        if self.prior_channels:  # a later round's classifier: the loop's prior channels,
+            # through every method, TTA step and perturbation like the image's own
+            images = [with_prior(img, decode_prior(p, f"image_id {i}"))
+                      for img, p, i in zip(images, batch["prior"], ids)]
         labelled = [vector_to_labels(v) - 1 for v in label_matrix(batch["label_vector"])]
         detected = [np.flatnonzero(p > 0.5) for p in self.maker.probs(images)]
         same = all(np.array_equal(a, b) for a, b in zip(detected, labelled))
@@ -111,7 +118,11 @@ class Explainer:
 def run_explain(config: PipelineConfig, run: Run, methods: list[str],
                 classifier: str = "classifier") -> dict:
     """Run the comparison and write its outputs; returns the table rows. `classifier`:
-    the step whose classifier is explained (`classifier`, `classifier@2`, ...)."""
+    the step whose classifier is explained (`classifier`, `classifier@2`, ...); a later
+    round's classifier sees its round's prior (`prior@t`) as its extra input channels."""
+    from ..graph import Step
+    from ..models.registry import read_spec
+
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"--methods: unknown {unknown[0]!r} (choose from "
@@ -139,6 +150,15 @@ def run_explain(config: PipelineConfig, run: Run, methods: list[str],
                                ecfg.sample_images)
     ds = open_dataset(run.dataset_path, ["image_id", "image", "mask", "label_vector"],
                       list(ecfg.splits), rows_per_block=ecfg.batch_size, ids=keep)
+    prior_channels = int(read_spec(run.step_path(classifier)).get("prior_channels", 0))
+    if prior_channels:
+        from ..data.join import with_columns
+
+        prior = Step("prior", Step.parse(classifier).round)
+        if not run.is_done(prior):
+            raise StageError(f"explain: {classifier} takes the loop's prior as input, and "
+                             f"step {prior.key} is not finished in {run.root}")
+        ds = with_columns(ds, run.step_path(prior), ["prior"])
     use_gpu = cfg.gpus_per_actor > 0
     faithfulness = faithfulness_options(ecfg, seed=cfg.seed)
     box_threshold = getattr(ecfg, "box_threshold", 0.2)
@@ -150,7 +170,8 @@ def run_explain(config: PipelineConfig, run: Run, methods: list[str],
             "background": info.background, "sample_ids": sample_ids,
             "threads": cfg.torch_threads or cfg.cpus_per_actor, "use_gpu": use_gpu,
             "options": method_options(cfg), "max_side": cfg.max_image_side,
-            "faithfulness": faithfulness, "box_threshold": box_threshold},
+            "faithfulness": faithfulness, "box_threshold": box_threshold,
+            "prior_channels": prior_channels},
         ActorResources.of(cfg, "cams"), ecfg.batch_size)
     sums = conf = seconds = faith = boxes = None
     images, samples = 0, []
@@ -183,7 +204,8 @@ def run_explain(config: PipelineConfig, run: Run, methods: list[str],
             row["best_threshold"] = thresholds[best] if info.background else None
         row["images_per_second"] = images / max(seconds[mi], 1e-9)
         rows.append(row)
-    _write(run, rows, samples, {"images": images, "splits": list(ecfg.splits),
+    _write(run, rows, samples, {"images": images, "classifier": classifier,
+                                "splits": list(ecfg.splits),
                                 "scales": list(scales), "flip": flip,
                                 "kur": config.head.kur,
                                 "road_percentiles": list(faithfulness.road_percentiles),

@@ -207,10 +207,12 @@ class SegTrainTransform:
     """Segmentation training batches: the image and its target mask (PNG bytes, plus
     the CAMs for the unsure band when asked) decoded, then random rescale, crop,
     horizontal flip applied to both together, colour jitter to the image. Outputs
-    {"image": (B, S, S, 3) uint8, "mask": (B, S, S) uint8, "label_vector": (B, K)}."""
+    {"image": (B, S, S, 3) uint8, "mask": (B, S, S) uint8, "label_vector": (B, K)}.
+    `target` None (images known by their tags only): the mask is 0 on the image's
+    pixels and 255 on the padding, so a loss can leave the padding out."""
 
     def __init__(self, crop_size: int, scale_range=(0.5, 2.0), hflip: bool = True,
-                 color_jitter: float = 0.3, target: str = "pseudo_mask",
+                 color_jitter: float = 0.3, target: str | None = "pseudo_mask",
                  unsure_band: tuple[float, float] | None = None, seed: int | None = None):
         self.crop_size, self.scale_range, self.hflip = crop_size, scale_range, hflip
         self.jitter, self.target, self.band, self.seed = color_jitter, target, unsure_band, seed
@@ -225,11 +227,15 @@ class SegTrainTransform:
         for i, (data, image_id) in enumerate(zip(batch["image"], batch["image_id"])):
             where = f"image_id {image_id}"
             img = decode_image(data, where)
-            target = decode_mask(batch[self.target][i], f"{self.target} of {where}")
+            if self.target is None:
+                target = np.zeros(img.shape[:2], np.uint8)
+            else:
+                target = decode_mask(batch[self.target][i], f"{self.target} of {where}")
             if target.shape != img.shape[:2]:
                 raise DataError(f"{self.target} is {target.shape[1]}x{target.shape[0]}, the "
                                 f"image {img.shape[1]}x{img.shape[0]}", row=str(image_id))
-            if self.band is not None and "cam" in batch:
+            # (no CAM for a pixel-labelled image: its ground truth has no unsure band)
+            if self.band is not None and "cam" in batch and batch["cam"][i] is not None:
                 cams = decode_array(batch["cam"][i], f"cam of {where}").astype(np.float32)
                 target = unsure_to_ignore(target, cams, self.band)
             img, (target,) = joint_scale_crop(img, [target], s, rng.uniform(*self.scale_range),

@@ -50,10 +50,18 @@ def _affinity_from_spec(spec: dict) -> nn.Module:
     return build_affinity_net(cfg, pretrained=False, channels=spec.get("channels", 32))
 
 
+def _c2am_from_spec(spec: dict) -> nn.Module:
+    from .c2am import build_c2am  # here: c2am.py imports this module
+    cfg = ModelConfig(backbone=spec["backbone"], output_stride=spec["output_stride"],
+                      pretrained=None)
+    return build_c2am(cfg, pretrained=False)
+
+
 BUILDERS: dict[str, Callable[[dict], nn.Module]] = {
     "classifier": _classifier_from_spec,
     "segmenter": _segmenter_from_spec,
     "affinity": _affinity_from_spec,
+    "c2am": _c2am_from_spec,
 }
 
 

@@ -8,6 +8,8 @@ Pixel-level Semantic Affinity with Image-level Supervision", CVPR 2018):
   (`fg_threshold`, IRN's `conf_fg_thres` 0.30), confident background where no class map
   beats a low constant (`bg_threshold`, IRN's `conf_bg_thres` 0.05); each of the two
   label maps is cleaned by a dense CRF from labels; everything in between is unsure (255).
+- `saliency_affinity_labels`: the same with a saliency map (C²AM-H, P-NOC) in place of
+  the low CAM threshold: background where the CRF'd saliency says so.
 - `pair_offsets`: the forward half-disk of radius r, so every unordered pair of pixels
   closer than r appears once (34 offsets at r = 5).
 - `segment_pixels`: which pixels lie on the segment between the two ends of a pair (the
@@ -69,6 +71,36 @@ def affinity_labels(image: np.ndarray, cams: np.ndarray, classes: Sequence[int],
     if background:
         bg = confident(bg_threshold)
         out[(fg == 0) & (bg == 0)] = 0
+    return out
+
+
+def saliency_affinity_labels(image: np.ndarray, cams: np.ndarray, classes: Sequence[int],
+                             saliency: np.ndarray, saliency_threshold: float = 0.10,
+                             fg_threshold: float = 0.40, crf_cfg: CrfConfig | None = None,
+                             gt_prob: float = 0.7) -> np.ndarray:
+    """Affinity labels with a saliency map in place of the low CAM threshold (P-NOC's
+    `make_affinity_labels` with saliency, C²AM-H).
+
+    image (H, W, 3) uint8, cams (n, H, W) in [0, 1] of `classes`, saliency S (H, W) in
+    [0, 1]. salient = CRF(S > saliency_threshold) (2 labels); foreground =
+    CRF(salient ⊙ argmax over [fg_threshold, cams]) (background + the classes). Returns
+    (H, W) uint8: the foreground's class where it has one; 0 where both the foreground and
+    the salient map say background; 255 (unsure) where the CRF'd saliency keeps a pixel
+    that no class map claims confidently.
+    """
+    cfg = crf_cfg or IRN_LABEL_CRF
+    cams = np.asarray(cams, np.float32)
+    saliency = np.asarray(saliency, np.float32)
+    if saliency.shape != cams.shape[1:] or saliency.shape != image.shape[:2]:
+        raise ValueError(f"saliency {saliency.shape}, cams {cams.shape[1:]} and image "
+                         f"{image.shape[:2]} differ in size")
+    keys = np.concatenate([[0], np.asarray(classes, np.int64)]).astype(np.uint8)
+    salient = crf_from_labels(image, (saliency > saliency_threshold).astype(np.int64), 2,
+                              cfg, gt_prob)
+    scores = np.concatenate([np.full((1,) + cams.shape[1:], fg_threshold, np.float32), cams])
+    fg = keys[crf_from_labels(image, salient * scores.argmax(0), len(keys), cfg, gt_prob)]
+    out = np.where(fg > 0, fg, UNSURE).astype(np.uint8)
+    out[(fg == 0) & (salient == 0)] = 0
     return out
 
 

@@ -10,6 +10,12 @@ with poly decay, backbone at the base rate and ASPP + decoder at 10x (DeepLab). 
 epoch ends with a checkpoint and, on rank 0, the val mIoU against ground truth (images
 letterboxed to the crop size: a quick figure; the `predict` step scores full images).
 
+Semi-weak mode (`semi`, `segmenter.mode`): the pixel-labelled images `semi` names learn
+their ground truth instead of their pseudo masks (joined from the dataset on image_id);
+`segmenter.mode: cce` uses class-aware cross entropy (the softmax over the image's
+classes and background, `train/semi.py`), and `pct` learns, with CCE, the label-restricted
+predictions of the hybrid net of stage `pct` instead of the CRF masks.
+
 The finished model is exported as `segmenter/model.pt` + `model.json` (kind
 "segmenter", loadable with `models.registry.load_model`).
 """
@@ -18,6 +24,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -25,6 +32,7 @@ from .. import storage
 from ..config import ModelConfig, SegmenterConfig
 from ..data.dataset import dataset_counts, open_dataset, read_info
 from ..data.join import with_columns
+from ..data.labelled import labelled_ids, write_labelled
 from ..data.transforms import SegEvalTransform, SegTrainTransform
 from ..errors import ConfigError, StageError
 from .fit import (build_trainer, fit_name, lr_at, make_optimizer, remove_earlier_fits,
@@ -37,6 +45,29 @@ MASK_COLUMNS = {"crf": "pseudo_mask", "seeds": "seed", "random_walk": "rw_mask"}
 def mask_stage(config) -> str:
     """The stage whose folder holds the masks `segmenter.masks` names."""
     return "random_walk" if config.segmenter.masks == "random_walk" else "crf"
+
+
+def ground_truth_for(batch: dict, labelled: Sequence[str], column: str) -> dict:
+    """Ray Data batch function: the target `column` of the pixel-labelled images replaced
+    by their ground truth (the dataset's `mask`, dropped afterwards); their CAMs, if
+    joined for the unsure band, dropped (ground truth has no unsure band)."""
+    keep = frozenset(labelled)
+    out = {k: v for k, v in batch.items() if k != "mask"}
+    target = np.empty(len(batch[column]), dtype=object)
+    target[:] = list(batch[column])
+    cams = None
+    if "cam" in batch:
+        cams = np.empty(len(batch["cam"]), dtype=object)
+        cams[:] = list(batch["cam"])
+    for i, image_id in enumerate(batch["image_id"]):
+        if str(image_id) in keep:
+            target[i] = batch["mask"][i]
+            if cams is not None:
+                cams[i] = None
+    out[column] = target
+    if cams is not None:
+        out["cam"] = cams
+    return out
 
 
 def segmenter_model_config(config) -> ModelConfig:
@@ -112,7 +143,19 @@ def segmentation_loss(logits, target):
     return F.cross_entropy(logits, target.long(), ignore_index=255)
 
 
-def _train_epoch(model, ddp, opt, batches, cfg: SegmenterConfig, schedule) -> dict:
+def batch_loss(logits, batch: dict, mode: str, background: bool):
+    """The fit's loss for `segmenter.mode`: cross entropy (`weak`), or class-aware cross
+    entropy over each image's classes and background (`cce`, `pct`)."""
+    if mode == "weak":
+        return segmentation_loss(logits, batch["mask"])
+    from .semi import allowed_labels, class_aware_cross_entropy
+
+    return class_aware_cross_entropy(logits, batch["mask"],
+                                     allowed_labels(batch["label_vector"], background))
+
+
+def _train_epoch(model, ddp, opt, batches, cfg: SegmenterConfig, schedule,
+                 background: bool = True) -> dict:
     total, warmup, step = schedule["total"], schedule["warmup"], schedule["first_step"]
     ddp.train()
     t0, waited, losses = time.time(), 0.0, []
@@ -124,7 +167,7 @@ def _train_epoch(model, ddp, opt, batches, cfg: SegmenterConfig, schedule) -> di
             break
         set_lr(opt, lr_at(step, total, cfg.lr, warmup))
         logits = ddp(batch["image"].permute(0, 3, 1, 2).float())
-        loss = segmentation_loss(logits, batch["mask"])
+        loss = batch_loss(logits, batch, cfg.mode, background)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -191,7 +234,8 @@ def train_loop(lc: SegLoopConfig) -> None:
             dtypes={"image": torch.uint8, "mask": torch.uint8, "label_vector": torch.float32},
             device=device))
         metrics = {"epoch": epoch + 1, **_train_epoch(
-            model, ddp, opt, batches, cfg, {**schedule, "first_step": epoch * steps_per_epoch}),
+            model, ddp, opt, batches, cfg, {**schedule, "first_step": epoch * steps_per_epoch},
+            lc.background),
             "restarts": restarts, "workers": world}
         if rank == 0 and lc.has_val:
             metrics.update(_validate(model, ray.train.get_dataset_shard("val"), per_worker,
@@ -202,27 +246,33 @@ def train_loop(lc: SegLoopConfig) -> None:
 
 
 def training_rows(config, dataset_path: str, masks_dir: str, cams_dir: str | None,
-                  column: str | None = None):
+                  column: str | None = None, labelled: Sequence[str] = ()):
     """The train split's images joined with their pseudo masks (and CAMs for the unsure
-    band), materialised: the join's lookup actor must not share the CPUs with the
-    training workers (a Train `datasets=` pipeline holding an actor pool can starve
-    itself on a small machine)."""
+    band), the pixel-labelled images (`labelled` ids) with their ground truth instead,
+    materialised: the join's lookup actor must not share the CPUs with the training
+    workers (a Train `datasets=` pipeline holding an actor pool can starve itself on a
+    small machine)."""
     cfg = config.segmenter
     column = column or MASK_COLUMNS[cfg.masks]
-    ds = open_dataset(dataset_path, ["image_id", "image", "label_vector"], [cfg.train_split],
-                      rows_per_block=32)
+    ds = open_dataset(dataset_path, ["image_id", "image", "label_vector"]
+                      + (["mask"] if labelled else []), [cfg.train_split], rows_per_block=32)
     ds = with_columns(ds, masks_dir, [column])
     if cfg.unsure_band is not None and cams_dir is not None:
         ds = with_columns(ds, cams_dir, ["cam"])
+    if labelled:
+        ds = ds.map_batches(ground_truth_for, fn_kwargs={"labelled": list(labelled),
+                                                         "column": column},
+                            batch_format="numpy", batch_size=32)
     return ds.materialize()
 
 
 def make_trainer(config, dataset_path: str, masks_dir: str, cams_dir: str | None,
                  classifier_dir: str | None, name: str, storage_path: str, callbacks=None,
-                 column: str | None = None):
+                 column: str | None = None, labelled: Sequence[str] = ()):
     """The TorchTrainer of the segmenter fit. `name` + `storage_path` identify the Ray
     Train run: the same pair again resumes it. `masks_dir` / `column`: where the target
-    masks are (default: the column `segmenter.masks` names)."""
+    masks are (default: the column `segmenter.masks` names); `labelled`: ids of the
+    pixel-labelled images, which learn their ground truth."""
     from ..models.deeplab import build_segmenter
 
     cfg: SegmenterConfig = config.segmenter
@@ -237,7 +287,7 @@ def make_trainer(config, dataset_path: str, masks_dir: str, cams_dir: str | None
     build_segmenter(model_cfg, info.num_classes + 1, pretrained=init == "pretrained")
     has_val = bool(cfg.val_split) and counts.get(cfg.val_split, 0) > 0
     column = column or MASK_COLUMNS[cfg.masks]
-    rows = training_rows(config, dataset_path, masks_dir, cams_dir, column)
+    rows = training_rows(config, dataset_path, masks_dir, cams_dir, column, labelled)
     datasets = {"train": rows.map_batches(
         SegTrainTransform(cfg.crop_size, cfg.scale_range, cfg.hflip, cfg.color_jitter,
                           column, cfg.unsure_band if cams_dir else None),
@@ -262,6 +312,7 @@ def run(config, ctx) -> dict:
     name = fit_name(ctx)
     train_root = storage.join(ctx.path, "ray_train")
     classifier_dir = ctx.input("classifier") if init_source(config) == "classifier" else None
+    labelled = labelled_ids(config, ctx.dataset_path)
     if ctx.has_input("predict"):
         # self-training (loop.feedback: labels): the previous round's CRF-refined
         # predictions of the train split are the targets
@@ -270,10 +321,19 @@ def run(config, ctx) -> dict:
                               "on the previous round's CRF-refined predictions: set "
                               "predict.crf: true")
         trainer = make_trainer(config, ctx.dataset_path, ctx.input("predict"), None,
-                               classifier_dir, name, train_root, column="prediction_crf")
+                               classifier_dir, name, train_root, column="prediction_crf",
+                               labelled=labelled)
+    elif config.segmenter.mode == "pct":
+        # the hybrid net's label-restricted predictions of the train split
+        from .pct import masks_folder
+
+        trainer = make_trainer(config, ctx.dataset_path, masks_folder(ctx.input("pct")), None,
+                               classifier_dir, name, train_root, column="pseudo_mask",
+                               labelled=labelled)
     else:
         trainer = make_trainer(config, ctx.dataset_path, ctx.input(mask_stage(config)),
-                               ctx.input("cams"), classifier_dir, name, train_root)
+                               ctx.input("cams"), classifier_dir, name, train_root,
+                               labelled=labelled)
     state = run_fit(trainer, "segmenter")
     model_cfg = segmenter_model_config(config)
     model = build_segmenter(model_cfg, info.num_classes + 1, pretrained=False,
@@ -281,10 +341,15 @@ def run(config, ctx) -> dict:
                             decoder_channels=config.segmenter.decoder_channels)
     model.load_state_dict(state["model"])
     save_segmenter(model, model_cfg, ctx.path, info.classes,
-                   {"epochs": state["epoch"] + 1, "masks": config.segmenter.masks})
+                   {"epochs": state["epoch"] + 1, "masks": config.segmenter.masks,
+                    "mode": config.segmenter.mode, "labelled_images": len(labelled)})
     remove_earlier_fits(train_root, name)
     storage.write_json_atomic(storage.join(ctx.path, "history.json"), state["history"])
+    if labelled:
+        write_labelled(ctx.path, labelled)
     last = state["history"][-1]
     summary = {k: last[k] for k in ("loss", "val_miou", "epoch") if k in last}
+    if labelled:
+        summary["labelled_images"] = len(labelled)
     ctx.write_metrics({**summary, "history": state["history"]})
     return summary

@@ -1,0 +1,13 @@
+"""ray-wsss stage saliency: the C²AM saliency maps and CRF masks of every image (Ray Data
+actors), as a script for `ray job submit` (it runs with random_walk.enabled=true
+affinity.labels_from=saliency; otherwise the stage is off and skipped).
+
+    ray job submit --working-dir . -- python jobs/make_saliency.py --config configs/demo.yaml \
+        --run-dir runs/demo random_walk.enabled=true affinity.labels_from=saliency [...]
+"""
+import sys
+
+from ray_wsss.cli import job_main
+
+if __name__ == "__main__":
+    sys.exit(job_main("saliency"))
