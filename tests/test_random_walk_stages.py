@@ -77,8 +77,12 @@ def test_the_random_walk_stages_on_the_tiny_run(copy_run, capsys):
     history = run.read_metrics()["affinity"]["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert history[0]["restarts"] == 0 and history[-1]["restarts"] >= 1
-    for term in ("bg_pos", "fg_pos", "neg", "loss"):
+    for term in ("fg_pos", "neg", "loss"):
         assert history[-1][term] < history[0][term], (term, history)
+    # background pairs start easy (an untrained boundary map is low everywhere, so their
+    # affinity is high) and pay for the walls the negative pairs ask for: in 60 steps
+    # this term went 0.39 -> 0.44 in one run and down in others (Ray Data's order)
+    assert history[-1]["bg_pos"] < history[0]["bg_pos"] + 0.15, history
     spec = json.load(open(run.path("affinity", "model.json")))
     assert spec["kind"] == "affinity" and spec["epochs"] == 3
     assert len(glob.glob(run.path("affinity", "ray_train", "fit-*"))) == 1
