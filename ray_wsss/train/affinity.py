@@ -32,7 +32,7 @@ from ..data.transforms import joint_scale_crop
 from ..errors import ConfigError, DataError, StageError
 from ..refine.affinity import UNSURE, labels_at_stride, pair_offsets
 from .fit import (build_trainer, fit_name, lr_at, make_optimizer, remove_earlier_fits,
-                  report_epoch, restore_checkpoint, run_fit, set_lr, worker_device)
+                  report_epoch, resume, run_fit, set_lr, worker_device)
 
 STRIDE = 4  # the boundary map's: the backbone's first stage
 
@@ -158,15 +158,7 @@ def train_loop(lc: AffinityLoopConfig) -> None:
     device = worker_device("affinity")
     model = build_model(lc)
     opt = make_optimizer([{"params": model.trainable_parameters(), "lr_scale": 1.0}], cfg)
-    start, history, restarts = 0, [], 0
-    state = restore_checkpoint()
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start, history = state["epoch"] + 1, state["history"]
-        restarts = state.get("restarts", 0) + 1
-        print(f"[affinity] resuming from the checkpoint of epoch {start} "
-              f"(restart {restarts})")
+    start, history, restarts = resume("affinity", {"model": model, "optimizer": opt})
     ddp = ray.train.torch.prepare_model(model)
     model = model.to(device)
     offsets = pair_offsets(cfg.radius)

@@ -29,7 +29,7 @@ from ..data.join import with_columns
 from ..data.transforms import joint_scale_crop
 from ..errors import ConfigError, DataError, StageError
 from .fit import (build_trainer, fit_name, lr_at, make_optimizer, remove_earlier_fits,
-                  report_epoch, restore_checkpoint, run_fit, set_lr, worker_device)
+                  report_epoch, resume, run_fit, set_lr, worker_device)
 
 BORDER_INVERTED = 0.5   # CCAM's rule: a map this high on the border is the background
 
@@ -162,14 +162,7 @@ def train_loop(lc: C2amLoopConfig) -> None:
     device = worker_device("c2am")
     model = build_model(lc)
     opt = make_optimizer(model.parameter_groups(cfg.head_lr_multiplier), cfg)
-    start, history, restarts = 0, [], 0
-    state = restore_checkpoint()
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start, history = state["epoch"] + 1, state["history"]
-        restarts = state.get("restarts", 0) + 1
-        print(f"[c2am] resuming from the checkpoint of epoch {start} (restart {restarts})")
+    start, history, restarts = resume("c2am", {"model": model, "optimizer": opt})
     ddp = ray.train.torch.prepare_model(model)
     model = model.to(device)
     per_worker = max(1, cfg.batch_size // world)

@@ -68,6 +68,20 @@ def restore_checkpoint() -> dict | None:
         return torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
 
 
+def resume(where: str, parts: dict) -> tuple[int, list, int]:
+    """Load this fit's latest checkpoint (worker side) into `parts`, {key in the saved
+    state: a module or optimizer}; returns (the first epoch to train, the history so far,
+    the restart count), (0, [], 0) on a fresh start."""
+    state = restore_checkpoint()
+    if state is None:
+        return 0, [], 0
+    for key, obj in parts.items():
+        obj.load_state_dict(state[key])
+    start, restarts = state["epoch"] + 1, state.get("restarts", 0) + 1
+    print(f"[{where}] resuming from the checkpoint of epoch {start} (restart {restarts})")
+    return start, state["history"], restarts
+
+
 def worker_device(where: str):
     """This Ray Train worker's torch device, announced once per worker (rank, device and
     the process group's backend) so a log shows where a fit really ran."""

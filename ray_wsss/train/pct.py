@@ -49,7 +49,7 @@ from ..data.transforms import SegEvalTransform, SegTrainTransform
 from ..errors import StageError
 from ..predict import SegmentPredictor
 from .fit import (build_trainer, fit_name, lr_at, make_optimizer, remove_earlier_fits,
-                  report_epoch, restore_checkpoint, run_fit, set_lr, worker_device)
+                  report_epoch, resume, run_fit, set_lr, worker_device)
 from .segmenter import (SegLoopConfig, _validate, build_model, init_source,
                         segmenter_model_config)
 
@@ -176,16 +176,8 @@ def train_loop(lc: PctLoopConfig) -> None:
     models = {name: build_model(lc.nets) for name in NETS}  # drawn one after the other
     opts = {name: _optimizer(m, cfg) for name, m in models.items()}
     iou = RunningIoU(lc.nets.num_labels, cfg.iou_momentum)
-    start, history, restarts = 0, [], 0
-    state = restore_checkpoint()
-    if state is not None:
-        for name in NETS:
-            models[name].load_state_dict(state[name])
-            opts[name].load_state_dict(state[f"{name}_optimizer"])
-        iou.load_state_dict(state["iou"])
-        start, history = state["epoch"] + 1, state["history"]
-        restarts = state.get("restarts", 0) + 1
-        print(f"[pct] resuming from the checkpoint of epoch {start} (restart {restarts})")
+    parts = {"iou": iou, **models, **{f"{n}_optimizer": o for n, o in opts.items()}}
+    start, history, restarts = resume("pct", parts)
     nets = {name: ray.train.torch.prepare_model(m) for name, m in models.items()}
     for m in models.values():
         m.to(device)

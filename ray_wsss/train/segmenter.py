@@ -36,7 +36,7 @@ from ..data.labelled import labelled_ids, write_labelled
 from ..data.transforms import SegEvalTransform, SegTrainTransform
 from ..errors import ConfigError, StageError
 from .fit import (build_trainer, fit_name, lr_at, make_optimizer, remove_earlier_fits,
-                  report_epoch, restore_checkpoint, run_fit, set_lr, worker_device)
+                  report_epoch, resume, run_fit, set_lr, worker_device)
 
 # segmenter.masks -> the column of the masks (in the folder of stage `mask_stage`)
 MASK_COLUMNS = {"crf": "pseudo_mask", "seeds": "seed", "random_walk": "rw_mask"}
@@ -212,15 +212,7 @@ def train_loop(lc: SegLoopConfig) -> None:
     opt = make_optimizer([{"params": list(model.backbone_parameters()), "lr_scale": 1.0},
                           {"params": list(model.head_parameters()),
                            "lr_scale": cfg.head_lr_multiplier}], cfg)
-    start, history, restarts = 0, [], 0
-    state = restore_checkpoint()
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start, history = state["epoch"] + 1, state["history"]
-        restarts = state.get("restarts", 0) + 1
-        print(f"[segmenter] resuming from the checkpoint of epoch {start} "
-              f"(restart {restarts})")
+    start, history, restarts = resume("segmenter", {"model": model, "optimizer": opt})
     ddp = ray.train.torch.prepare_model(model)
     model = model.to(device)
     per_worker = max(1, cfg.batch_size // world)
