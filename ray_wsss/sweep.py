@@ -23,6 +23,9 @@ Trainables:
   only combines the ones it needs.
 - `classifier`: one Ray Train fit per trial (keys of `model`, `head`, `regularizers`,
   `classifier`), reporting val mAP every epoch, so ASHA can stop the poor ones early.
+- `walk`: the random walk on the fitted affinity network (keys of `random_walk`: beta,
+  steps, radius, the background rule and threshold, the walk's CRF), walked again in the
+  trial on the images with ground truth and scored (`rw_miou`): no refit.
 - `pipeline`: the whole pipeline in a trial's own run directory on the base run's
   dataset (any key): the general case, and the costliest.
 
@@ -64,11 +67,23 @@ TRAINABLES = {
     "refine": ("classifier", _sections("crf") + ("cams.scales", "cams.flip")),
     "classifier": ("dataset", _sections("classifier")),
     "pipeline": ("dataset", ("",)),
+    # the random walk on the fitted boundary network: every key but the switch and the
+    # actors' resources (a trial walks in its own process)
+    "walk": ("affinity", tuple(f"random_walk.{k}" for k in (
+        "radius", "beta", "steps", "background_threshold", "walked_background",
+        "background_power", "flip", "crf", "max_image_side"))),
     # the iterative loop, one round per training iteration: any key, `loop.*` above all
     "iterations": ("dataset", ("",)),
 }
 TRAINABLE_SECTIONS = {k: v[1] for k, v in TRAINABLES.items()}
 SWEEP_DIRS = ("tuning",)
+
+
+def allowed_key(key: str, allowed: tuple[str, ...]) -> bool:
+    """A dotted key may vary when it is one of `allowed` or inside one ("crf." is a
+    section, "cams.flip" a key, "" anything)."""
+    return any(a == "" or key == a.rstrip(".") or key.startswith(a.rstrip(".") + ".")
+               for a in allowed)
 
 
 @dataclass
@@ -129,7 +144,7 @@ def load_spec(name: str, overrides: dict | None = None) -> SweepSpec:
     if spec.cpus_per_trial < 0:
         raise ConfigError(f"{path}: cpus_per_trial must be >= 0")
     for key, dom in spec.space.items():
-        if not key.startswith(TRAINABLE_SECTIONS[spec.trainable]):
+        if not allowed_key(key, TRAINABLE_SECTIONS[spec.trainable]):
             raise ConfigError(f"{path}: key {key} cannot vary in a {spec.trainable} sweep "
                               f"(allowed: {', '.join(TRAINABLE_SECTIONS[spec.trainable])})")
         if not isinstance(dom, dict) or len(dom) != 1:
@@ -385,7 +400,42 @@ def iterations_trial(point: dict, ctx: dict) -> None:
         tune.report(metrics)
 
 
-TRIALS = {"refine": refine_trial, "classifier": classifier_trial, "pipeline": pipeline_trial,
+def walk_trial(point: dict, ctx: dict) -> None:
+    """The random walk of one point on the images with ground truth (evaluate.splits),
+    with the run's fitted boundary network and stored CAMs, scored like the stage."""
+    from ray import tune
+
+    from .data.codecs import decode_array, decode_image, decode_mask
+    from .data.dataset import open_dataset, label_matrix, vector_to_labels
+    from .evaluate import ConfusionMatrix
+    from .refine.walk_stage import RandomWalker
+
+    config = apply_point(ctx["config"], point)
+    walker = RandomWalker(ctx["affinity"], ctx["cams"], config.random_walk, ctx["background"],
+                          threads=max(1, int(ctx["threads"])))
+    conf = ConfusionMatrix(ctx["n_labels"])
+    ds = open_dataset(ctx["dataset"], ["image_id", "image", "mask", "label_vector"],
+                      list(config.evaluate.splits), require=("mask",))
+    images = 0
+    for batch in ds.iter_batches(batch_size=config.random_walk.batch_size,
+                                 batch_format="numpy"):
+        found = walker.cams.lookup(batch["image_id"])["cam"]
+        rows = list(zip(batch["image_id"], batch["image"], batch["mask"], found,
+                        label_matrix(batch["label_vector"])))
+        walked = walker.walk_many(
+            [decode_image(r[1], f"image_id {r[0]}") for r in rows],
+            [decode_array(r[3], f"cam of image_id {r[0]}").astype(np.float32) for r in rows],
+            [vector_to_labels(r[4]) for r in rows])
+        for r, (mask, _) in zip(rows, walked):
+            conf.update(decode_mask(r[2]), mask)
+            images += 1
+    exclude = () if ctx["background"] else (0,)
+    metrics = {"rw_miou": 100 * conf.metrics(exclude=exclude)["miou"], "images": images}
+    _report_metrics(ctx["sweep"], metrics)
+    tune.report(metrics)
+
+
+TRIALS = {"refine": refine_trial, "walk": walk_trial, "classifier": classifier_trial, "pipeline": pipeline_trial,
           "iterations": iterations_trial}
 
 
@@ -485,6 +535,9 @@ def run_sweep(config: PipelineConfig, run: Run, spec: SweepSpec, force: bool = F
                   f"for scales {scales}{' + flip' if flip else ''}", flush=True)
             build_cache(config, run, cache, scales, flip)
         ctx.update(cache=cache, scales=scales, flip=flip)
+    if spec.trainable == "walk":
+        ctx.update(affinity=run.step_path("affinity"), cams=run.step_path("cams"),
+                   threads=max(1, spec.cpus_per_trial))
     trainable = tune.with_parameters(TRIALS[spec.trainable], ctx=ctx)
     trainable = tune.with_resources(trainable, trial_resources(spec))
     path = storage.join(tune_dir, exp)

@@ -16,6 +16,11 @@ from ray_wsss.run import Run
 
 from .conftest import tiny_config
 
+
+def cfg_of(path):
+    from ray_wsss.config import load_config
+    return load_config(path)
+
 pytestmark = pytest.mark.slow
 
 STAGES = ("affinity_labels", "affinity", "random_walk")
@@ -101,6 +106,21 @@ def test_the_random_walk_stages_on_the_tiny_run(copy_run, capsys):
     # CAMs (0.47); 150 steps at crop 128 gave 0.54. The walk's geometry (stride-4 grid,
     # walls) is checked exactly in tests/refine/test_walk_stage.py.
     assert scores["val"]["rw_mask"]["miou"] > 0.30, scores["val"]["rw_mask"]["miou"]
+
+    # the walk sweep (no refit): its base trial walks the val images again with the
+    # fitted network and the stored CAMs and scores what the stage scored; other points
+    # are real walks (10 steps at beta 10 differ from 256)
+    from ray_wsss.sweep import load_spec, run_sweep
+    spec = load_spec("walk", {"num_samples": 2, "search": "random", "max_concurrent": 2,
+                              "space": {"random_walk.steps": {"choice": [10, 256]}}})
+    result = run_sweep(run.config, run, spec)
+    rows = [r for r in result["rows"] if r["metric"] is not None]
+    assert len(rows) == 2 and result["base"]["params"] == {"random_walk.steps": 256}
+    assert result["base"]["metric"] == pytest.approx(
+        100 * scores["val"]["rw_mask"]["miou"], abs=0.05)
+    assert result["base"]["metrics"]["images"] == counts["val"]
+    assert cfg_of(result["best_yaml"]).random_walk.steps == result["best"]["params"][
+        "random_walk.steps"]
 
     # the table and the report show them
     from ray_wsss.cli import print_summary

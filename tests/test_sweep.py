@@ -22,11 +22,16 @@ pytestmark = pytest.mark.slow
 
 
 def test_shipped_sweeps_are_valid():
-    for name in ("thresholds", "regularizers"):
+    for name in ("thresholds", "regularizers", "iterations", "walk"):
         spec = load_spec(os.path.join(REPO, "tuning", f"{name}.yaml"))
         assert spec.space and spec.metric
     with pytest.raises(ConfigError, match="cannot vary in a refine sweep"):
         load_spec("thresholds", {"space": {"classifier.lr": {"uniform": [0.1, 1]}}})
+    # a walk sweep varies the walk, not its switch or the actors
+    for key in ("random_walk.enabled", "random_walk.num_actors", "random_walk.betax"):
+        with pytest.raises(ConfigError, match="cannot vary in a walk sweep"):
+            load_spec("walk", {"space": {key: {"choice": [1, 2]}}})
+    assert load_spec("walk", {"space": {"random_walk.crf.iterations": {"choice": [0, 1]}}})
 
 
 def test_tiny_thresholds_sweep(copy_run, tiny_run):

@@ -245,9 +245,10 @@ def faithfulness_sums(model, image: torch.Tensor, maps: np.ndarray, classes: np.
     inserted = _probs(model, blurred + top * (image - blurred), step)
     full, empty, start = ends
     k, p, m = len(classes), len(opts.road_percentiles), steps - 1
-    road_p = road.reshape(2, k, p, road.shape[-1])
-    del_p = deleted.reshape(k, m, -1)
-    ins_p = inserted.reshape(k, m, -1)
+    n_out = full.shape[-1]   # explicit: with 1 curve step or no percentage a part is empty
+    road_p = road.reshape(2, k, p, n_out)
+    del_p = deleted.reshape(k, m, n_out)
+    ins_p = inserted.reshape(k, m, n_out)
     for j, c in enumerate(classes):
         deletion = np.concatenate([[full[c]], del_p[j, :, c], [empty[c]]])
         insertion = np.concatenate([[start[c]], ins_p[j, :, c], [full[c]]])

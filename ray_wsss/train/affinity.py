@@ -32,7 +32,7 @@ from ..data.transforms import joint_scale_crop
 from ..errors import ConfigError, DataError, StageError
 from ..refine.affinity import UNSURE, labels_at_stride, pair_offsets
 from .fit import (build_trainer, fit_name, lr_at, make_optimizer, remove_earlier_fits,
-                  report_epoch, resume, run_fit, set_lr, worker_device)
+                  report_epoch, resume, run_fit, set_lr, start_worker)
 
 STRIDE = 4  # the boundary map's: the backbone's first stage
 
@@ -152,10 +152,7 @@ def train_loop(lc: AffinityLoopConfig) -> None:
     import torch
 
     cfg = lc.affinity
-    torch.set_num_threads(max(1, cfg.torch_threads or cfg.cpus_per_worker))
-    torch.manual_seed(cfg.seed)
-    world = ray.train.get_context().get_world_size()
-    device = worker_device("affinity")
+    world, _, device = start_worker("affinity", cfg)
     model = build_model(lc)
     opt = make_optimizer([{"params": model.trainable_parameters(), "lr_scale": 1.0}], cfg)
     start, history, restarts = resume("affinity", {"model": model, "optimizer": opt})

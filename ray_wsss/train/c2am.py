@@ -29,7 +29,7 @@ from ..data.join import with_columns
 from ..data.transforms import joint_scale_crop
 from ..errors import ConfigError, DataError, StageError
 from .fit import (build_trainer, fit_name, lr_at, make_optimizer, remove_earlier_fits,
-                  report_epoch, resume, run_fit, set_lr, worker_device)
+                  report_epoch, resume, run_fit, set_lr, start_worker)
 
 BORDER_INVERTED = 0.5   # CCAM's rule: a map this high on the border is the background
 
@@ -156,10 +156,7 @@ def train_loop(lc: C2amLoopConfig) -> None:
     from ..models.c2am import EmbeddingMemory
 
     cfg = lc.c2am
-    torch.set_num_threads(max(1, cfg.torch_threads or cfg.cpus_per_worker))
-    torch.manual_seed(cfg.seed)
-    world = ray.train.get_context().get_world_size()
-    device = worker_device("c2am")
+    world, _, device = start_worker("c2am", cfg)
     model = build_model(lc)
     opt = make_optimizer(model.parameter_groups(cfg.head_lr_multiplier), cfg)
     start, history, restarts = resume("c2am", {"model": model, "optimizer": opt})

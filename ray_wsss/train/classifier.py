@@ -25,7 +25,7 @@ from ..data.dataset import dataset_counts, open_dataset, read_info, read_table
 from ..data.transforms import EvalTransform, TrainTransform
 from ..errors import ConfigError, StageError
 from .fit import (build_trainer, fit_name, lr_at, make_optimizer, remove_earlier_fits,
-                  report_epoch, restore_checkpoint, run_fit, set_lr, worker_device)
+                  report_epoch, restore_checkpoint, run_fit, set_lr, start_worker)
 
 
 def _param_groups(model, cfg: ClassifierConfig) -> list[dict]:
@@ -188,11 +188,7 @@ def train_loop(lc: WorkerConfig) -> None:
     from .pairs import PairPool
 
     cfg, reg = lc.classifier, lc.regularizers
-    torch.set_num_threads(max(1, cfg.torch_threads or cfg.cpus_per_worker))
-    torch.manual_seed(cfg.seed)
-    ctx = ray.train.get_context()
-    world, rank = ctx.get_world_size(), ctx.get_world_rank()
-    device = worker_device("classifier")
+    world, rank, device = start_worker("classifier", cfg)
     fit = _setup(lc, reg, device)
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     per_worker = max(1, cfg.batch_size // world)

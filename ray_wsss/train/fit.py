@@ -82,6 +82,18 @@ def resume(where: str, parts: dict) -> tuple[int, list, int]:
     return start, state["history"], restarts
 
 
+def start_worker(where: str, cfg) -> tuple[int, int, object]:
+    """The prologue of every fit's worker loop: torch threads (`cfg.torch_threads`, else
+    `cfg.cpus_per_worker`) and seed (`cfg.seed`); returns (world size, rank, device)."""
+    import ray.train
+    import torch
+
+    torch.set_num_threads(max(1, cfg.torch_threads or cfg.cpus_per_worker))
+    torch.manual_seed(cfg.seed)
+    ctx = ray.train.get_context()
+    return ctx.get_world_size(), ctx.get_world_rank(), worker_device(where)
+
+
 def worker_device(where: str):
     """This Ray Train worker's torch device, announced once per worker (rank, device and
     the process group's backend) so a log shows where a fit really ran."""

@@ -49,7 +49,7 @@ from ..data.transforms import SegEvalTransform, SegTrainTransform
 from ..errors import StageError
 from ..predict import SegmentPredictor
 from .fit import (build_trainer, fit_name, lr_at, make_optimizer, remove_earlier_fits,
-                  report_epoch, resume, run_fit, set_lr, worker_device)
+                  report_epoch, resume, run_fit, set_lr, start_worker)
 from .segmenter import (SegLoopConfig, _validate, build_model, init_source,
                         segmenter_model_config)
 
@@ -168,11 +168,7 @@ def train_loop(lc: PctLoopConfig) -> None:
     from .semi import RunningIoU
 
     cfg = lc.pct
-    torch.set_num_threads(max(1, cfg.torch_threads or cfg.cpus_per_worker))
-    torch.manual_seed(cfg.seed)
-    ctx = ray.train.get_context()
-    world, rank = ctx.get_world_size(), ctx.get_world_rank()
-    device = worker_device("pct")
+    world, rank, device = start_worker("pct", cfg)
     models = {name: build_model(lc.nets) for name in NETS}  # drawn one after the other
     opts = {name: _optimizer(m, cfg) for name, m in models.items()}
     iou = RunningIoU(lc.nets.num_labels, cfg.iou_momentum)

@@ -36,7 +36,7 @@ from ..data.labelled import labelled_ids, write_labelled
 from ..data.transforms import SegEvalTransform, SegTrainTransform
 from ..errors import ConfigError, StageError
 from .fit import (build_trainer, fit_name, lr_at, make_optimizer, remove_earlier_fits,
-                  report_epoch, resume, run_fit, set_lr, worker_device)
+                  report_epoch, resume, run_fit, set_lr, start_worker)
 
 # segmenter.masks -> the column of the masks (in the folder of stage `mask_stage`)
 MASK_COLUMNS = {"crf": "pseudo_mask", "seeds": "seed", "random_walk": "rw_mask"}
@@ -203,11 +203,7 @@ def train_loop(lc: SegLoopConfig) -> None:
     import torch
 
     cfg = lc.segmenter
-    torch.set_num_threads(max(1, cfg.torch_threads or cfg.cpus_per_worker))
-    torch.manual_seed(cfg.seed)
-    ctx = ray.train.get_context()
-    world, rank = ctx.get_world_size(), ctx.get_world_rank()
-    device = worker_device("segmenter")
+    world, rank, device = start_worker("segmenter", cfg)
     model = build_model(lc)
     opt = make_optimizer([{"params": list(model.backbone_parameters()), "lr_scale": 1.0},
                           {"params": list(model.head_parameters()),

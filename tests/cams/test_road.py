@@ -165,3 +165,22 @@ def test_sums_add_over_pairs_and_images():
     with pytest.raises(ConfigError, match="road_percentiles"):
         FaithfulnessOptions(road_percentiles=(0, 50)).check()
 
+
+
+def test_the_smallest_settings_road_off_and_one_curve_step():
+    """ROAD off (no percentage) and a single curve step (the ends only) are valid
+    settings: the curves are [full, empty] / [blurred, full] and ROAD is nan."""
+    region = (slice(4, 8), slice(6, 10))
+    model = Square(region)
+    x = torch.full((1, 3, 16, 16), 100.0)
+    x[:, :, 4:8, 6:10] = 200.0
+    good = np.zeros((2, 16, 16), np.float32)
+    good[:, 4:8, 6:10] = 1.0
+    opts = FaithfulnessOptions(road_percentiles=(), curve_steps=1)
+    sums = faithfulness_sums(model, x, good, np.array([0, 1]), opts)
+    assert sums.shape == (1 + 2 * 2,) and sums[0] == 2
+    m = faithfulness_metrics(sums, opts)
+    assert math.isnan(m["road_morf"])
+    y = sig(4.0)
+    # class 0 (the square's score) ends at the mean image's 0.5; class 1 starts there too
+    assert m["deletion_curve"] == pytest.approx([100 * (y + 0.5) / 2, 50], abs=1e-4)

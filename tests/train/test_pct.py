@@ -46,7 +46,16 @@ def semi_run(ray_local, tmp_path_factory):
     config = load_config(os.path.join(REPO, "configs", "demo.yaml"),
                          SEMI_OVERRIDES + [f"run_dir={root}"])
     run = Run(config)
-    for stage in ("dataset", "pct", "segmenter", "predict"):
+    run_stage("dataset", config, run, check_upstream=False)
+    # the pct fit's worker is killed once its first epoch's checkpoint is registered:
+    # the fit resumes from it (both nets, both optimizers, the IoU counters)
+    from ..test_fault_tolerance import _first_checkpoint_registered, _in_thread, _kill_when
+    t, box = _in_thread(lambda: run_stage("pct", config, run, check_upstream=False))
+    _kill_when("RayTrainWorker", _first_checkpoint_registered(
+        os.path.join(root, "pct", "ray_train", "fit-*")), timeout=240)
+    t.join(400)
+    assert "error" not in box, box.get("error")
+    for stage in ("segmenter", "predict"):
         run_stage(stage, config, run, check_upstream=False)
     return run
 
@@ -84,6 +93,9 @@ def test_pct_writes_both_nets_and_the_hybrid_masks_of_the_train_split(semi_run):
         assert set(np.unique(mask).tolist()) <= allowed, image_id
     history = json.load(open(os.path.join(pct, "history.json")))
     assert len(history) == 4 and all(len(h["pseudo_iou"]) == 7 for h in history)
+    # killed after epoch 1's checkpoint: resumed there, epoch 1 not trained again
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    assert history[0]["restarts"] == 0 and history[-1]["restarts"] >= 1
 
 
 def test_the_segmenter_learns_the_truth_of_the_labelled_images_and_the_masks_of_the_rest(
