@@ -41,7 +41,7 @@ def cmd_demo(args) -> int:
     from .pipeline import run_pipeline
 
     args.config = DEMO_CONFIG
-    run = run_pipeline(_config(args), force=args.force)
+    run = run_pipeline(_config(args), force=args.force, until=args.until)
     print_summary(run.root)
     return 0
 
@@ -62,7 +62,7 @@ def cmd_config(args) -> int:
 def cmd_run(args) -> int:
     from .pipeline import run_pipeline
 
-    run = run_pipeline(_config(args), force=args.force)
+    run = run_pipeline(_config(args), force=args.force, until=args.until)
     print_summary(run.root)
     return 0
 
@@ -343,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(fn=cmd_demo)
     q = sub.add_parser("run", help="run the pipeline (finished stages are skipped)")
     run_args(q)
+    q.add_argument("--until", metavar="STEP",
+                   help="stop after this step: a stage (round 1's, e.g. crf for the pseudo "
+                        "masks only) or STAGE@T for round T's")
     q.set_defaults(fn=cmd_run)
     from .graph import STAGE_NAMES
     from .pipeline import describe_stages

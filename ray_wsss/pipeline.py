@@ -15,7 +15,7 @@ from typing import Sequence
 
 from . import storage
 from .config import PipelineConfig
-from .errors import StageError
+from .errors import ConfigError, StageError
 from .graph import STAGE_NAMES, STAGES, Step, active_inputs, get, steps
 from .run import Run, StepContext
 from .runtime import close_stale_progress_bars, init_ray, project_error
@@ -97,17 +97,26 @@ def run_stage(name: str, config: PipelineConfig, run: Run | None = None, force: 
 
 
 def run_pipeline(config: PipelineConfig, force: bool = False,
-                 stages: Sequence[str] | None = None, run_dir: str | None = None) -> Run:
+                 stages: Sequence[str] | None = None, run_dir: str | None = None,
+                 until: str | None = None) -> Run:
     """Run every step in order (or those of the named stages), skipping those up to
-    date: round 1's, then, with `loop.rounds` > 1, those of the later rounds."""
+    date: round 1's, then, with `loop.rounds` > 1, those of the later rounds; with
+    `until` (a step key: `crf`, `crf@2`), stop after that step."""
+    order = steps(config.loop)
+    if until is not None and until not in {s.key for s in order}:
+        raise ConfigError(f"--until {until}: no such step in this run (steps: "
+                          f"{', '.join(s.key for s in order)})")
     run = Run(config, run_dir)
     storage.makedirs(run.root)
     _log(f"run directory {run.root}")
     wanted = set(stages or STAGE_NAMES)
     with run_lock(run):
-        for step in steps(config.loop):
+        for step in order:
             if step.stage in wanted:
                 run_step(step, config, run, force=force)
+            if step.key == until:
+                _log(f"stopped after step {until} (--until)")
+                break
     return run
 
 

@@ -109,7 +109,7 @@ def test_resume_after_kill_does_not_recompute_cams(copy_run, tiny_run, tmp_path)
     cmd = [sys.executable, "-m", "ray_wsss.cli", "run", os.path.join(REPO, "configs",
                                                                         "demo.yaml"),
            *TINY_OVERRIDES, "--run-dir", root,
-           "segmenter.epochs=1"]  # the steps after evaluate are not under test here
+           "--until", "evaluate"]  # the steps after evaluate are not under test here
     env = dict(os.environ, RAY_ADDRESS="")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, env=env)
@@ -136,6 +136,8 @@ def test_resume_after_kill_does_not_recompute_cams(copy_run, tiny_run, tmp_path)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert "stage cams: up to date, skipped" in rerun.stdout
     assert "stage crf: running" in rerun.stdout
+    assert "stopped after step evaluate (--until)" in rerun.stdout
+    assert "stage segmenter" not in rerun.stdout
     final = json.load(open(manifest_path))["stages"]
     assert final["cams"]["run_id"] == after_kill["cams"]["run_id"]
     assert {f: os.stat(f).st_mtime_ns for f in glob.glob(f"{root}/cams/*.parquet")} == cam_files
@@ -145,6 +147,15 @@ def test_resume_after_kill_does_not_recompute_cams(copy_run, tiny_run, tmp_path)
         assert resumed[key]["miou"] == pytest.approx(reference[key]["miou"], abs=1e-4)
     assert resumed["cams"]["miou_curve"] == pytest.approx(reference["cams"]["miou_curve"],
                                                           abs=1e-4)
+
+
+def test_until_names_a_step_of_the_run(tiny_run, tmp_path):
+    from ray_wsss.errors import ConfigError
+    from ray_wsss.pipeline import run_pipeline
+
+    with pytest.raises(ConfigError, match=r"--until crf@2: no such step .*crf, evaluate"):
+        run_pipeline(tiny_run.config, run_dir=str(tmp_path / "x"), until="crf@2")
+    assert not os.path.exists(tmp_path / "x")
 
 
 def test_the_segmentation_model_learns_from_the_pseudo_masks(tiny_run):

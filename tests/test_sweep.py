@@ -119,7 +119,8 @@ def test_a_classifier_sweep_fits_one_model_per_trial(copy_run, tiny_run):
     root = copy_run("sweep-classifier")
     run = Run(tiny_run.config, root)
     from ray_wsss.config import replace
-    config = replace(run.config, **{"classifier.epochs": 1})
+    # one epoch at crop 64: what is under test is the trainable, not what it learns
+    config = replace(run.config, **{"classifier.epochs": 1, "classifier.crop_size": 64})
     spec = load_spec("regularizers", {
         "num_samples": 2, "search": "random", "grace_period": 1, "max_concurrent": 2,
         "space": {"classifier.lr": {"choice": [0.05, 0.001]}}})
