@@ -435,8 +435,8 @@ def walk_trial(point: dict, ctx: dict) -> None:
     tune.report(metrics)
 
 
-TRIALS = {"refine": refine_trial, "walk": walk_trial, "classifier": classifier_trial, "pipeline": pipeline_trial,
-          "iterations": iterations_trial}
+TRIALS = {"refine": refine_trial, "walk": walk_trial, "classifier": classifier_trial,
+          "pipeline": pipeline_trial, "iterations": iterations_trial}
 
 
 # ---------------------------------------------------------------- the map cache
