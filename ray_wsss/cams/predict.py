@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 
 from ..data.codecs import scaled_size
+from ..data.transforms import resize_any
 from .methods import Method, MethodOptions
 
 
@@ -60,7 +61,7 @@ class MapMaker:
             by_size.setdefault(scaled_size(*img.shape[:2], self.max_side), []).append(i)
         for (h, w), idx in by_size.items():
             arr = np.stack([img if img.shape[:2] == (h, w) else
-                            cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)
+                            resize_any(img, (w, h), cv2.INTER_AREA)
                             for img in (images[i] for i in idx)])
             x = torch.from_numpy(arr).to(self.device).permute(0, 3, 1, 2).float()
             yield idx, x

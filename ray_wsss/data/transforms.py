@@ -33,8 +33,13 @@ def with_prior(image: np.ndarray, prior: np.ndarray | None) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate([image, prior.transpose(1, 2, 0)], axis=2))
 
 
-def _resize(img: np.ndarray, size: tuple[int, int], interpolation) -> np.ndarray:
-    """cv2.resize of any channel count (OpenCV drops a single channel's axis)."""
+def resize_any(img: np.ndarray, size: tuple[int, int], interpolation) -> np.ndarray:
+    """cv2.resize of any channel count: OpenCV drops a single channel's axis, and its
+    area interpolation refuses more than 4 channels at a non-integer ratio (an image
+    with the loop's per-class prior channels): those go 4 channels at a time."""
+    if img.ndim == 3 and img.shape[2] > 4 and interpolation == cv2.INTER_AREA:
+        return np.concatenate([resize_any(img[..., i:i + 4], size, interpolation)
+                               for i in range(0, img.shape[2], 4)], axis=2)
     out = cv2.resize(img, size, interpolation=interpolation)
     return out[..., None] if out.ndim == 2 and img.ndim == 3 else out
 
@@ -45,7 +50,7 @@ def random_scale_crop(img: np.ndarray, size: int, scale: float, rng: np.random.G
     img: (H, W, C) with C >= 3 (extra channels padded with 0)."""
     h, w = img.shape[:2]
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    img = _resize(img, (nw, nh), cv2.INTER_LINEAR)
+    img = resize_any(img, (nw, nh), cv2.INTER_LINEAR)
     out = np.empty((size, size, img.shape[2]), np.uint8)
     out[:] = pad_value(img.shape[2])
     # crop window in the image and its place in the output
@@ -82,7 +87,7 @@ def letterbox(img: np.ndarray, size: int) -> np.ndarray:
     h, w = img.shape[:2]
     s = size / max(h, w)
     nh, nw = max(1, round(h * s)), max(1, round(w * s))
-    img = _resize(img, (nw, nh), cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
+    img = resize_any(img, (nw, nh), cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
     out = np.empty((size, size, img.shape[2]), np.uint8)
     out[:] = pad_value(img.shape[2])
     oy, ox = (size - nh) // 2, (size - nw) // 2
