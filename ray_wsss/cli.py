@@ -41,7 +41,7 @@ def cmd_demo(args) -> int:
     from .pipeline import run_pipeline
 
     args.config = DEMO_CONFIG
-    run = run_pipeline(_config(args), force=args.force, until=args.until)
+    run = run_pipeline(_config(args), force=args.force)
     print_summary(run.root)
     return 0
 

@@ -74,3 +74,27 @@ def test_the_reports_class_table_names_no_threshold_without_background(tmp_path)
     info = DatasetInfo(("car", "road"), background=True)
     page = render_page(run, info, _metrics(background=True), [])
     assert "CAM seeds (best threshold 0.45) vs CRF pseudo masks" in page
+
+
+def test_every_run_command_reaches_the_pipeline_with_its_arguments(tmp_path, monkeypatch):
+    """`demo`, `run` and `run --until` parse and call the pipeline (a stand-in records
+    the call: what is under test is the command line's wiring, which no end-to-end test
+    goes through for `demo`; an `--until` meant for `run` once broke `demo`)."""
+    import ray_wsss.cli as cli
+    import ray_wsss.pipeline as pipeline
+
+    calls = []
+
+    def record(config, force=False, stages=None, run_dir=None, until=None):
+        calls.append((config, force, until))
+        return Run(config)
+    monkeypatch.setattr(pipeline, "run_pipeline", record)
+    monkeypatch.setattr(cli, "print_summary", lambda root: None)
+    root = str(tmp_path / "r")
+    assert cli.main(["demo", "--run-dir", root, "classifier.epochs=1"]) == 0
+    assert cli.main(["run", cli.DEMO_CONFIG, "--run-dir", root, "--until", "crf@2",
+                     "--force"]) == 0
+    (demo, demo_force, demo_until), (run, run_force, run_until) = calls
+    assert demo.data.source == "demo" and demo.classifier.epochs == 1 and demo.run_dir == root
+    assert (demo_force, demo_until) == (False, None)
+    assert (run_force, run_until) == (True, "crf@2")
