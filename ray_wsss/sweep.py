@@ -405,8 +405,8 @@ def walk_trial(point: dict, ctx: dict) -> None:
     with the run's fitted boundary network and stored CAMs, scored like the stage."""
     from ray import tune
 
-    from .data.codecs import decode_array, decode_image, decode_mask
-    from .data.dataset import open_dataset, label_matrix, vector_to_labels
+    from .data.codecs import decode_mask
+    from .data.dataset import open_dataset
     from .evaluate import ConfusionMatrix
     from .refine.walk_stage import RandomWalker
 
@@ -414,20 +414,14 @@ def walk_trial(point: dict, ctx: dict) -> None:
     walker = RandomWalker(ctx["affinity"], ctx["cams"], config.random_walk, ctx["background"],
                           threads=max(1, int(ctx["threads"])))
     conf = ConfusionMatrix(ctx["n_labels"])
-    ds = open_dataset(ctx["dataset"], ["image_id", "image", "mask", "label_vector"],
+    ds = open_dataset(ctx["dataset"], ["image_id", "split", "image", "mask", "label_vector"],
                       list(config.evaluate.splits), require=("mask",))
     images = 0
     for batch in ds.iter_batches(batch_size=config.random_walk.batch_size,
                                  batch_format="numpy"):
-        found = walker.cams.lookup(batch["image_id"])["cam"]
-        rows = list(zip(batch["image_id"], batch["image"], batch["mask"], found,
-                        label_matrix(batch["label_vector"])))
-        walked = walker.walk_many(
-            [decode_image(r[1], f"image_id {r[0]}") for r in rows],
-            [decode_array(r[3], f"cam of image_id {r[0]}").astype(np.float32) for r in rows],
-            [vector_to_labels(r[4]) for r in rows])
-        for r, (mask, _) in zip(rows, walked):
-            conf.update(decode_mask(r[2]), mask)
+        out = walker(batch)   # the stage's own per-batch code: the same rows it writes
+        for truth, walked in zip(out["mask"], out["rw_mask"]):
+            conf.update(decode_mask(truth), decode_mask(walked))
             images += 1
     exclude = () if ctx["background"] else (0,)
     metrics = {"rw_miou": 100 * conf.metrics(exclude=exclude)["miou"], "images": images}
