@@ -512,6 +512,10 @@ def run_sweep(config: PipelineConfig, run: Run, spec: SweepSpec, force: bool = F
     if not run.is_done(needs):
         raise StageError(f"sweep {spec.name}: stage {needs} must be finished "
                          f"in {run.root} first (ray-wsss run)")
+    if spec.trainable == "classifier" and config.classifier.num_workers == 0:
+        raise ConfigError(f"sweep {spec.name}: classifier.num_workers is 0 (Ray Train's "
+                          "local mode), which cannot report each epoch to Tune; set it to "
+                          "1 or more")
     info = run.dataset_info()
     exp = f"{spec.name}-{spec.digest()}"
     tune_dir = storage.join(sweep_dir, "tune")

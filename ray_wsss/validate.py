@@ -115,7 +115,7 @@ def _fit_rules(s: str) -> dict[str, Rule]:
         f"{s}.crop_size": at_least(MIN_CROP),
         f"{s}.scale_range": ordered_pair(above(0)),
         f"{s}.color_jitter": between(0, 1),
-        f"{s}.num_workers": at_least(1),
+        f"{s}.num_workers": at_least(0),   # 0: Ray Train's local mode
         f"{s}.cpus_per_worker": at_least(1),
         f"{s}.torch_threads": at_least(1),
         f"{s}.max_failures": at_least(-1),   # Ray Train: -1 retries forever
@@ -258,7 +258,7 @@ RULES: dict[str, Rule] = {
     "affinity.crop_size": at_least(MIN_CROP),
     "affinity.scale_range": ordered_pair(above(0)),
     "affinity.label_batch_size": at_least(1),
-    "affinity.num_workers": at_least(1),
+    "affinity.num_workers": at_least(0),   # 0: Ray Train's local mode
     "affinity.cpus_per_worker": at_least(1),
     "affinity.torch_threads": at_least(1),
     "affinity.max_failures": at_least(-1),
@@ -280,7 +280,7 @@ RULES: dict[str, Rule] = {
     "c2am.weight_decay": at_least(0),
     "c2am.crop_size": at_least(MIN_CROP),
     "c2am.scale_range": ordered_pair(above(0)),
-    "c2am.num_workers": at_least(1),
+    "c2am.num_workers": at_least(0),   # 0: Ray Train's local mode
     "c2am.cpus_per_worker": at_least(1),
     "c2am.torch_threads": at_least(1),
     "c2am.max_failures": at_least(-1),

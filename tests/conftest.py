@@ -18,9 +18,16 @@ SHARED_DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."
                                            "data"))
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
+# Fits whose results, not their Ray Train workers, are under test run in Ray Train's
+# local mode (num_workers 0: in the test process, about 15 s less per fit than a worker
+# actor). The tests that kill a worker, the DDP fits, the classifier sweep and the job
+# give the fits real workers (WORKER_FITS).
+LOCAL_FITS = ["classifier.num_workers=0", "segmenter.num_workers=0"]
+WORKER_FITS = ["classifier.num_workers=1", "segmenter.num_workers=1"]
+
 # A small demo run: enough images and epochs that CAMs are meaningful, small enough
 # for about a minute of CPU.
-TINY_OVERRIDES = [
+TINY_OVERRIDES = [*LOCAL_FITS,
     "data.demo.num_train=320", "data.demo.num_val=48", "data.demo.image_size=160",
     "classifier.epochs=8", "classifier.batch_size=16", "classifier.crop_size=128",
     "classifier.torch_threads=2",

@@ -18,7 +18,7 @@ from ray_wsss.errors import StageError
 from ray_wsss.pipeline import run_stage
 from ray_wsss.run import Run
 
-from .conftest import tiny_config
+from .conftest import WORKER_FITS, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -111,7 +111,7 @@ def small_run(copy_run, tmp_path):
     ds.mkdir()
     pq.write_table(table, ds / "part-0.parquet", row_group_size=16)
     shutil.copy(os.path.join(root, "dataset", "classes.json"), ds / "classes.json")
-    cfg = tiny_config(root, ["data.source=parquet", f"data.path={ds}", "cams.splits=[train,val]",
+    cfg = tiny_config(root, [*WORKER_FITS, "data.source=parquet", f"data.path={ds}", "cams.splits=[train,val]",
                              "cams.batch_size=8", "crf.batch_size=8"])
     return Run(cfg), set(table.column("image_id").to_pylist())
 

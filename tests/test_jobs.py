@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 
-from .conftest import REPO, TINY_OVERRIDES
+from .conftest import REPO, TINY_OVERRIDES, WORKER_FITS
 
 pytestmark = pytest.mark.slow
 
@@ -100,7 +100,7 @@ def test_pipeline_job_succeeds_and_writes_metrics(ray_cluster, copy_run, tiny_ru
     os.remove(os.path.join(root, "metrics.json"))
     client = _client(address, env)
     entrypoint = " ".join([sys.executable, "jobs/pipeline.py", "--config", "configs/demo.yaml",
-                           "--run-dir", root, *TINY_OVERRIDES])
+                           "--run-dir", root, *TINY_OVERRIDES, *WORKER_FITS])
     deadline = time.time() + 60
     while True:
         try:

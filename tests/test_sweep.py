@@ -120,11 +120,16 @@ def test_a_classifier_sweep_fits_one_model_per_trial(copy_run, tiny_run):
     run = Run(tiny_run.config, root)
     from ray_wsss.config import replace
     # one epoch at crop 64: what is under test is the trainable, not what it learns
-    config = replace(run.config, **{"classifier.epochs": 1, "classifier.crop_size": 64})
+    config = replace(run.config, **{"classifier.epochs": 1, "classifier.crop_size": 64,
+                                    "classifier.num_workers": 1})
     spec = load_spec("regularizers", {
         "num_samples": 2, "search": "random", "grace_period": 1, "max_concurrent": 2,
         "space": {"classifier.lr": {"choice": [0.05, 0.001]}}})
     assert spec.cpus_per_trial == 0
+    # Ray Train's local mode cannot report to Tune: refused before any trial starts
+    local = replace(config, **{"classifier.num_workers": 0})
+    with pytest.raises(ConfigError, match="classifier.num_workers is 0"):
+        run_sweep(local, Run(local, root), spec)
     result = run_sweep(config, Run(config, root), spec)
     trials = [t for t in result["rows"] if t["metric"] is not None]
     assert len(trials) == 2 and all(0 <= t["metric"] <= 100 for t in trials)

@@ -34,7 +34,7 @@ def test_the_reported_values_are_refused_at_load_with_their_key(override, messag
     ("crf.batch_size=0", "crf.batch_size:"),
     ("evaluate.batch_size=0", "evaluate.batch_size:"),
     ("predict.batch_size=-2", "predict.batch_size:"),
-    ("classifier.num_workers=0", "classifier.num_workers:"),
+    ("classifier.num_workers=-1", "classifier.num_workers:"),
     ("cams.num_actors=0", "cams.num_actors:"),
     ("cams.gpus_per_actor=-1", "cams.gpus_per_actor:"),
     # learning rates and weights

@@ -13,7 +13,7 @@ from ray_wsss.data.codecs import decode_image, decode_mask
 from ray_wsss.data.dataset import dataset_counts, read_table
 from ray_wsss.pipeline import run_pipeline
 
-from .conftest import REPO, data_dir
+from .conftest import LOCAL_FITS, REPO, data_dir
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +35,7 @@ CPU_MINUTE = [
     "segmenter.use_gpu=false", "segmenter.cpus_per_worker=1", "segmenter.torch_threads=2",
     "predict.scales=[1.0]", "predict.flip=false", "predict.gpus_per_actor=0",
     "predict.cpus_per_actor=1", "predict.torch_threads=2", "predict.num_actors=1",
-    "crf.iterations=2", "report.num_images=2", "ray.progress_bars=false",
+    "crf.iterations=2", "report.num_images=2", "ray.progress_bars=false", *LOCAL_FITS,
 ]
 
 

@@ -10,7 +10,9 @@
   sees, h_l a layer's output, b_l its bias (for BatchNorm in eval mode its effective
   bias beta - gamma mu / sqrt(var + eps), as the paper's code); psi = abs, then min-max
   over the channels and positions of one image's term (the paper's code: x - min, then
-  / (max + 1e-6)), summed over channels and resized bilinearly to the input. For a ReLU
+  / (max + 1e-6)), summed over channels and resized bilinearly to the input; the sum
+  of the terms, less its minimum over the image (the final min-max of the paper's code
+  and of pytorch-grad-cam, whose / max the seeds do). For a ReLU
   network sum(ds/dz (.) z) + sum_l sum(ds/dh_l (.) b_l) = s_c (completeness).
 - `layercam-fused` (Jiang et al., TIP 2021): LayerCAM ReLU(sum_k ReLU(ds_c/dA_k) (.) A_k) on
   every stage of `backbone.forward_stages`, each divided by its maximum, scaled by
@@ -218,7 +220,10 @@ def fullgrad(model, images, classes, opts=None):
         total = _psi(input_term, size)
         for t in bias_terms:
             total = total + _psi(t, size)
-        return total
+        # the sum of ~20 terms in [0, C_l] sits on a floor that covers the whole image;
+        # the paper's code and pytorch-grad-cam min-max the final map before use, and
+        # without it a map / max threshold keeps every pixel (box accuracy 0 on the demo)
+        return total - total.amin(dim=(-2, -1), keepdim=True)
 
     if not len(index):
         with torch.no_grad():

@@ -18,10 +18,18 @@ A fit's Ray Train run name is stable for one computation of a step (its config h
 attempt id), so a rerun after a crash finds the run and resumes from its last
 checkpoint (Ray Train V2 has no `Trainer.restore`: the same name and storage path is
 the resume).
+
+`num_workers: 0` runs the fit in Ray Train's local mode: the loop runs in the driver
+process (no worker actors, no process group: a debugger and print work as in a script,
+and a small fit starts in about 5 s instead of about 20), Ray Data still feeds it, and
+nothing is checkpointed on the storage path: a fit killed half way starts over (the
+step as a whole still resumes: finished steps are skipped). A Tune trial cannot report
+from it (`ray-wsss sweep classifier` refuses it).
 """
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 from .. import storage
@@ -109,6 +117,18 @@ def worker_device(where: str):
     return device
 
 
+_LOCAL_CHECKPOINT: dict = {}   # local mode: the folder of the fit's last checkpoint
+
+
+def in_local_mode() -> bool:
+    """True inside a fit that Ray Train runs in local mode (`num_workers: 0`, in the
+    driver process)."""
+    import ray.train
+    from ray.train.v2.api.context import LocalTrainContext
+
+    return isinstance(ray.train.get_context(), LocalTrainContext)
+
+
 def report_epoch(metrics: dict, state: dict) -> None:
     """End an epoch on every worker: rank 0 saves `state` as the checkpoint, the
     others report their metrics only (Ray Train keeps rank 0's)."""
@@ -117,6 +137,17 @@ def report_epoch(metrics: dict, state: dict) -> None:
 
     if ray.train.get_context().get_world_rank() != 0:
         ray.train.report(metrics)
+        return
+    if in_local_mode():
+        # local mode keeps the Checkpoint object, not a copy: its folder must outlive
+        # this call (run_fit removes it); the previous epoch's is dropped
+        previous = _LOCAL_CHECKPOINT.pop("dir", None)
+        d = tempfile.mkdtemp(prefix="ray-wsss-local-fit-")
+        torch.save(state, os.path.join(d, "state.pt"))
+        _LOCAL_CHECKPOINT["dir"] = d
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        if previous:
+            shutil.rmtree(previous, ignore_errors=True)
         return
     with tempfile.TemporaryDirectory() as d:
         torch.save(state, os.path.join(d, "state.pt"))
@@ -169,7 +200,12 @@ def run_fit(trainer, what: str) -> dict:
     if result.checkpoint is None:
         raise StageError(f"{what} training ended without a checkpoint")
     with result.checkpoint.as_directory() as d:
-        return torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
+        state = torch.load(os.path.join(d, "state.pt"), map_location="cpu",
+                           weights_only=True)
+    if result.path is None:  # local mode: the checkpoint folder is report_epoch's own
+        shutil.rmtree(result.checkpoint.path, ignore_errors=True)
+        _LOCAL_CHECKPOINT.pop("dir", None)
+    return state
 
 
 def fit_name(ctx) -> str:

@@ -220,7 +220,8 @@ def make_trainer(config, dataset_path: str, labelled: list[str], classifier_dir:
         .column("image_id").to_pylist()
     chosen = set(labelled)
     weak_ids = sorted(set(train_ids) - chosen)
-    half_global = max(1, cfg.batch_size // (2 * cfg.num_workers)) * cfg.num_workers
+    workers = max(1, cfg.num_workers)  # 0: local mode, one loop in the driver
+    half_global = max(1, cfg.batch_size // (2 * workers)) * workers
     if len(weak_ids) < half_global:
         raise StageError(f"pct: split {seg.train_split!r} has {len(weak_ids)} images without "
                          f"pixel labels, fewer than half a batch ({half_global}; "
@@ -232,7 +233,7 @@ def make_trainer(config, dataset_path: str, labelled: list[str], classifier_dir:
     init = init_source(config)
     has_val = bool(seg.val_split) and counts.get(seg.val_split, 0) > 0
     # the strong rows repeated so that one pass covers an epoch of the weak shard
-    half = max(1, cfg.batch_size // (2 * cfg.num_workers))
+    half = max(1, cfg.batch_size // (2 * max(1, cfg.num_workers)))
     steps = max(1, len(weak_ids) // half_global)
     repeat = max(1, math.ceil(max(half, steps * half) / len(labelled)))
     strong = open_dataset(dataset_path, ["image_id", "image", "label_vector", "mask"],

@@ -127,7 +127,7 @@ def fullgrad_reference_map(model, x, u):
     total = psi(z.grad[0] * z[0].detach())
     for o, bias in outs:
         total = total + psi(o.grad[0] * bias[:, None, None])
-    return total
+    return total - total.min()
 
 
 def layercam_fused_reference_map(model, x, u, gamma):

@@ -98,6 +98,7 @@ def test_hints_are_the_max_cam_and_travel_with_the_image():
 SMALL = ["random_walk.enabled=true", "affinity.labels_from=saliency",
          "c2am.epochs=3", "c2am.batch_size=8", "c2am.memory_size=32", "c2am.crop_size=96",
          "c2am.lr=0.01", "c2am.hint_bg_threshold=0.1", "c2am.torch_threads=2",
+         "c2am.num_workers=0",   # local mode: the C²AM loop, not its worker, is under test
          "saliency.num_actors=1", "saliency.torch_threads=2", "saliency.batch_size=16"]
 
 

@@ -29,6 +29,7 @@ SEMI_OVERRIDES = [
     "segmenter.epochs=8", "segmenter.batch_size=8", "segmenter.crop_size=64",
     "segmenter.scale_range=[0.7,1.3]", "segmenter.torch_threads=2",
     "segmenter.mode=pct", f"semi.labelled_count={LABELLED}", "semi.seed=1",
+    "segmenter.num_workers=0",  # local mode; the pct fit keeps its worker (killed below)
     "pct.epochs=4", "pct.batch_size=8", "pct.crop_size=64", "pct.scale_range=[0.7,1.3]",
     "pct.torch_threads=2", "pct.num_actors=1",
     "predict.torch_threads=2", "predict.splits=[val]", "predict.flip=false",
