@@ -8,7 +8,7 @@
     ray-wsss import voc PATH --out DIR
     ray-wsss import folder PATH [--labels CSV] [--masks DIR] --classes NAMES --out DIR
     ray-wsss import coco INSTANCES.json --images DIR --out DIR
-    ray-wsss export RUN_DIR --what pseudo-masks|seeds|predictions|model --out DIR
+    ray-wsss export RUN_DIR --what pseudo-masks|seeds|predictions|boxes|model --out DIR
     ray-wsss unlock RUN_DIR
     ray-wsss metrics RUN_DIR
     ray-wsss config [CONFIG.yaml] [key.sub=value ...]   (every key, defaults included)
@@ -361,10 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("run_dir", help="a finished run directory")
     q.add_argument("--what", required=True,
                    choices=("pseudo-masks", "seeds", "random-walk-masks", "predictions",
-                            "predictions-crf", "model"),
+                            "predictions-crf", "boxes", "model"),
                    help="pseudo-masks (CRF), seeds, random-walk-masks, predictions of the "
-                        "segmentation model (-crf: after its CRF), or the segmentation "
-                        "model's weights")
+                        "segmentation model (-crf: after its CRF), boxes from the CAMs "
+                        "(boxes.json), or the segmentation model's weights")
     q.add_argument("--out", required=True, help="folder to write (created)")
     q.add_argument("--splits", help="comma-separated splits (default: every split)")
     q.add_argument("--round", type=int, default=None, help="round (default: the last)")

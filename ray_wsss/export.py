@@ -6,7 +6,11 @@ map; pixel values 0 = background, 1..K the classes, 255 = ignore), plus
 `<out>/<split>.txt` listing the ids of each split (ImageSets style) and
 `<out>/classes.json` naming the values. The PNG bytes are the stored ones, so the files
 hold exactly what the run evaluated. The model is `model.pt` + `model.json` (load it
-with `ray_wsss.models.registry.load_model`).
+with `ray_wsss.models.registry.load_model`). Boxes (`--what boxes`) are the weakly
+supervised localisation of the CAM stage's maps: `<out>/boxes.json`, one record per
+image and labelled class (`cams/boxes.py`: the box of the largest region above
+`explain.box_threshold` of the min-max normalised map, [x0, y0, x1, y1] in pixel edges,
+null where nothing is above it, and the classifier's probability as the score).
 
 With `stitch` (tiled datasets), the tiles of each frame are put back together: one
 `<frame id>.png` per frame, its pixels from its tiles' masks (255 where a tile was
@@ -27,6 +31,7 @@ SOURCES = {"pseudo-masks": ("crf", "pseudo_mask"), "seeds": ("crf", "seed"),
            "random-walk-masks": ("random_walk", "rw_mask"),
            "predictions": ("predict", "prediction"),
            "predictions-crf": ("predict", "prediction_crf"),
+           "boxes": ("cams", "cam"),
            "model": ("segmenter", None)}
 
 
@@ -65,6 +70,8 @@ def export(run_dir: str, what: str, out: str, splits=None, round: int | None = N
     step = Step(stage, round or _last_round(manifest, stage))
     if not run.is_done(step):
         raise StageError(f"export: step {step.key} is not finished in {root}")
+    if stitch and what in ("boxes", "model"):
+        raise StageError(f"export: --stitch puts mask tiles together; --what {what} has none")
     out = storage.resolve(out)
     if storage.exists(out):
         if not overwrite:
@@ -74,6 +81,8 @@ def export(run_dir: str, what: str, out: str, splits=None, round: int | None = N
     try:
         if column is None:
             files = _export_model(run.step_path(step), tmp)
+        elif what == "boxes":
+            files = _export_boxes(run, run.step_path(step), tmp, splits)
         else:
             files = _export_masks(run, run.step_path(step), column, tmp, splits, stitch)
     except BaseException:
@@ -88,6 +97,36 @@ def _export_model(model_dir: str, out: str) -> int:
         storage.write_bytes_atomic(storage.join(out, name),
                                    storage.read_bytes(storage.join(model_dir, name)))
     return 2
+
+
+def _export_boxes(run, folder: str, out: str, splits) -> int:
+    """boxes.json: a record per (image, labelled class) of the CAM stage's output."""
+    from .cams.boxes import box_records, write_box_records
+    from .data.codecs import decode_array
+    from .data.dataset import check_columns, parquet_files, vector_to_labels
+
+    columns = ["image_id", "split", "cam", "label_vector", "probs"]
+    check_columns(folder, columns)
+    names = run.dataset_info().classes
+    threshold = run.config.explain.box_threshold
+    records = []
+    for f in parquet_files(folder):
+        fs, p = storage.filesystem(f)
+        for batch in pq.ParquetFile(p, filesystem=fs).iter_batches(batch_size=64,
+                                                                   columns=columns):
+            for image_id, split, cam, vec, probs in zip(
+                    *(batch.column(c).to_pylist() for c in columns)):
+                if (splits is not None and split not in splits) or cam is None:
+                    continue
+                maps = decode_array(cam, f"image_id {image_id}")
+                for record in box_records(image_id, maps, vector_to_labels(vec) - 1, names,
+                                          probs, threshold):
+                    records.append({**record, "split": split})
+    if not records:
+        raise StageError(f"export: no CAMs in {folder}"
+                         + (f" for split(s) {', '.join(splits)}" if splits else ""))
+    write_box_records(records, storage.join(out, "boxes.json"))
+    return 1
 
 
 class _Stitcher:
