@@ -99,29 +99,37 @@ def _export_model(model_dir: str, out: str) -> int:
     return 2
 
 
-def _export_boxes(run, folder: str, out: str, splits) -> int:
-    """boxes.json: a record per (image, labelled class) of the CAM stage's output."""
-    from .cams.boxes import box_records, write_box_records
-    from .data.codecs import decode_array
-    from .data.dataset import check_columns, parquet_files, vector_to_labels
+def _rows(folder: str, columns: list[str], splits):
+    """The rows of a stage's Parquet output (tuples in `columns` order, the second
+    column the split), a record batch at a time, those of `splits` only (None: all)."""
+    from .data.dataset import check_columns, parquet_files
 
-    columns = ["image_id", "split", "cam", "label_vector", "probs"]
     check_columns(folder, columns)
-    names = run.dataset_info().classes
-    threshold = run.config.explain.box_threshold
-    records = []
     for f in parquet_files(folder):
         fs, p = storage.filesystem(f)
         for batch in pq.ParquetFile(p, filesystem=fs).iter_batches(batch_size=64,
                                                                    columns=columns):
-            for image_id, split, cam, vec, probs in zip(
-                    *(batch.column(c).to_pylist() for c in columns)):
-                if (splits is not None and split not in splits) or cam is None:
-                    continue
-                maps = decode_array(cam, f"image_id {image_id}")
-                for record in box_records(image_id, maps, vector_to_labels(vec) - 1, names,
-                                          probs, threshold):
-                    records.append({**record, "split": split})
+            for row in zip(*(batch.column(c).to_pylist() for c in columns)):
+                if splits is None or row[1] in splits:
+                    yield row
+
+
+def _export_boxes(run, folder: str, out: str, splits) -> int:
+    """boxes.json: a record per (image, labelled class) of the CAM stage's output."""
+    from .cams.boxes import box_records, write_box_records
+    from .data.codecs import decode_array
+    from .data.dataset import vector_to_labels
+
+    names = run.dataset_info().classes
+    threshold = run.config.explain.box_threshold
+    records = []
+    for image_id, split, cam, vec, probs in _rows(
+            folder, ["image_id", "split", "cam", "label_vector", "probs"], splits):
+        if cam is None:
+            continue
+        maps = decode_array(cam, f"image_id {image_id}")
+        records += [{**r, "split": split} for r in box_records(
+            image_id, maps, vector_to_labels(vec) - 1, names, probs, threshold)]
     if not records:
         raise StageError(f"export: no CAMs in {folder}"
                          + (f" for split(s) {', '.join(splits)}" if splits else ""))
@@ -177,28 +185,17 @@ class _Stitcher:
 
 def _export_masks(run, folder: str, column: str, out: str, splits,
                   stitch: bool = False) -> int:
-    from .data.dataset import check_columns, parquet_files
-
-    check_columns(folder, ("image_id", "split", column))
     ids_by_split: dict[str, list[str]] = {}
     files = 0
     stitcher = _Stitcher(run.dataset_path) if stitch else None
-    for f in parquet_files(folder):
-        fs, p = storage.filesystem(f)
-        for batch in pq.ParquetFile(p, filesystem=fs).iter_batches(
-                batch_size=64, columns=["image_id", "split", column]):
-            for image_id, split, data in zip(*(batch.column(i).to_pylist() for i in range(3))):
-                if splits is not None and split not in splits:
-                    continue
-                if data is None:
-                    continue
-                ready = ([(image_id, data)] if stitcher is None
-                         else stitcher.add(image_id, data, split))
-                for name, png in ready:
-                    storage.write_bytes_atomic(storage.join(out, safe_name(name) + ".png"),
-                                               png)
-                    ids_by_split.setdefault(split, []).append(name)
-                    files += 1
+    for image_id, split, data in _rows(folder, ["image_id", "split", column], splits):
+        if data is None:
+            continue
+        ready = [(image_id, data)] if stitcher is None else stitcher.add(image_id, data, split)
+        for name, png in ready:
+            storage.write_bytes_atomic(storage.join(out, safe_name(name) + ".png"), png)
+            ids_by_split.setdefault(split, []).append(name)
+            files += 1
     for name, png in stitcher.rest() if stitcher is not None else ():
         storage.write_bytes_atomic(storage.join(out, safe_name(name) + ".png"), png)
         ids_by_split.setdefault(stitcher.split[name], []).append(name)
