@@ -72,10 +72,28 @@ def test_whole_frame_predictions_cut_into_tiles_and_stitched_scores(tmp_path, ra
         info.num_classes + 1)
     for frame, group in group_by_parent(rows).items():
         image = decode_image(open(tmp_path / "images" / f"{frame}.png", "rb").read())
-        direct = predictor.scores([image])[0].argmax(0).astype(np.uint8)
-        # each tile's row holds the whole frame's labels inside its box, bit for bit
+        # the actor sees the frame stitched from its tiles: a tile skipped at import is
+        # black (frame 2's top right), and its neighbours' labels depend on that
+        covered = stitch([(r["tile_box"], np.ones((r["tile_box"][2] - r["tile_box"][0],
+                                                      r["tile_box"][3] - r["tile_box"][1]),
+                                                     bool)) for r in group],
+                         *frame_size(group), fill=False)
+        image = np.where(covered[..., None], image, 0).astype(np.uint8)
+        assert (~covered).sum() == (24 * 24 if frame == "f2" else 0)
+        s = predictor.scores([image])[0]
+        direct = s.argmax(0).astype(np.uint8)
+        top2 = np.sort(s, axis=0)[-2:]
+        clear = (top2[1] - top2[0]) > 1e-4
+        # each tile's row holds the whole frame's labels inside its box. The actor's
+        # scores may differ from this process's in the last bits (another torch thread
+        # count sums the convolutions in another order), so a label may differ only
+        # where the frame's two best scores are within 1e-4 of each other (an untrained
+        # model has such near ties)
         for r in group:
-            assert np.array_equal(decode_mask(r["prediction"]), cut(direct, r["tile_box"]))
+            pred, box = decode_mask(r["prediction"]), r["tile_box"]
+            differ = pred != cut(direct, box)
+            assert not (differ & cut(clear, box)).any(), (r["image_id"], differ.sum())
+            assert differ.mean() < 0.01, (r["image_id"], differ.sum())
             per_tile.update(decode_mask(r["mask"]), decode_mask(r["prediction"]))
         # the stitched frame scored against the full mask: pixels of a skipped tile are
         # ignore in the stitched prediction's mask too (255 in both)
