@@ -24,8 +24,9 @@ from ..config import ClassifierConfig, ModelConfig, RegularizersConfig, replace
 from ..data.dataset import dataset_counts, open_dataset, read_info, read_table
 from ..data.transforms import EvalTransform, TrainTransform
 from ..errors import ConfigError, StageError
-from .fit import (build_trainer, fit_name, lr_at, make_optimizer, remove_earlier_fits,
-                  report_epoch, restore_checkpoint, run_fit, set_lr, start_worker)
+from .fit import (ValBatches, build_trainer, fit_name, lr_at, make_optimizer,
+                  remove_earlier_fits, report_epoch, restore_checkpoint, run_fit, set_lr,
+                  start_worker)
 
 
 def _param_groups(model, cfg: ClassifierConfig) -> list[dict]:
@@ -196,8 +197,9 @@ def train_loop(lc: WorkerConfig) -> None:
     schedule = {"total": steps_per_epoch * cfg.epochs,
                 "warmup": int(cfg.warmup_epochs * steps_per_epoch)}
     train_shard = ray.train.get_dataset_shard("train")
-    val_batches = _ValBatches(ray.train.get_dataset_shard("val") if lc.has_val else None,
-                              per_worker, device)
+    val_batches = ValBatches(ray.train.get_dataset_shard("val") if lc.has_val else None,
+                             per_worker, device,
+                             {"image": torch.uint8, "label_vector": torch.float32})
     pairs = (PairPool(reg.mcis.pair_pool, cfg.seed, rank, reg.mcis.pair_per_class)
              if reg.mcis.enabled else None)
     for epoch in range(fit.start_epoch, cfg.epochs):
@@ -216,33 +218,6 @@ def train_loop(lc: WorkerConfig) -> None:
         if fit.oc_opt is not None:
             state.update(oc=fit.oc.state_dict(), oc_optimizer=fit.oc_opt.state_dict())
         report_epoch(metrics, state)
-
-
-class _ValBatches:
-    """The validation batches: streamed from Ray Data, and kept in memory after the first
-    pass when small (decoded val sets of up to `cache_bytes`), so later epochs skip the
-    decode."""
-
-    def __init__(self, shard, batch_size: int, device, cache_bytes: int = 512 * 2**20):
-        self.shard, self.batch_size, self.device = shard, batch_size, device
-        self.cache_bytes = cache_bytes
-        self.cache: list | None = None
-
-    def __iter__(self):
-        import torch
-
-        if self.cache is not None:
-            yield from self.cache
-            return
-        kept, size = [], 0
-        for batch in self.shard.iter_torch_batches(
-                batch_size=self.batch_size, device=self.device,
-                dtypes={"image": torch.uint8, "label_vector": torch.float32}):
-            if kept is not None:
-                size += batch["image"].numel()
-                kept = kept + [batch] if size <= self.cache_bytes else None
-            yield batch
-        self.cache = kept
 
 
 def _validate(model, batches, average_precision) -> dict:

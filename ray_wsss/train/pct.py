@@ -51,7 +51,7 @@ from ..predict import SegmentPredictor
 from .fit import (build_trainer, fit_name, lr_at, make_optimizer, remove_earlier_fits,
                   report_epoch, resume, run_fit, set_lr, start_worker)
 from .segmenter import (SegLoopConfig, _validate, build_model, init_source,
-                        segmenter_model_config)
+                        segmenter_model_config, val_batches)
 
 MASKS = "masks"      # the folder of H's masks inside the step's folder
 NETS = ("hybrid", "pseudo")
@@ -185,6 +185,8 @@ def train_loop(lc: PctLoopConfig) -> None:
     dtypes = {"image": torch.uint8, "mask": torch.uint8, "label_vector": torch.float32}
     strong = _cycle(ray.train.get_dataset_shard("strong"), half, device, dtypes)
     weak_shard = ray.train.get_dataset_shard("weak")
+    val = val_batches(ray.train.get_dataset_shard("val"), half, device) \
+        if rank == 0 and lc.nets.has_val else None
     for epoch in range(start, cfg.epochs):
         weak = weak_shard.iter_torch_batches(batch_size=half, drop_last=True,
                                              local_shuffle_buffer_size=4 * half,
@@ -193,11 +195,9 @@ def train_loop(lc: PctLoopConfig) -> None:
             nets, opts, strong, weak, iou, lc,
             {**schedule, "first_step": epoch * steps_per_epoch}),
             "restarts": restarts, "workers": world}
-        if rank == 0 and lc.nets.has_val:
-            val = ray.train.get_dataset_shard("val")
+        if val is not None:
             for name, prefix in (("hybrid", ""), ("pseudo", "pseudo_")):
-                scores = _validate(models[name], val, half, device, lc.nets.num_labels,
-                                   lc.nets.background)
+                scores = _validate(models[name], val, lc.nets.num_labels, lc.nets.background)
                 metrics.update({prefix + k: v for k, v in scores.items()})
         history.append(metrics)
         report_epoch(metrics, {**{name: models[name].state_dict() for name in NETS},

@@ -35,8 +35,8 @@ from ..data.join import with_columns
 from ..data.labelled import labelled_ids, write_labelled
 from ..data.transforms import SegEvalTransform, SegTrainTransform
 from ..errors import ConfigError, StageError
-from .fit import (build_trainer, fit_name, lr_at, make_optimizer, remove_earlier_fits,
-                  report_epoch, resume, run_fit, set_lr, start_worker)
+from .fit import (ValBatches, build_trainer, fit_name, lr_at, make_optimizer,
+                  remove_earlier_fits, report_epoch, resume, run_fit, set_lr, start_worker)
 
 # segmenter.masks -> the column of the masks (in the folder of stage `mask_stage`)
 MASK_COLUMNS = {"crf": "pseudo_mask", "seeds": "seed", "random_walk": "rw_mask"}
@@ -178,8 +178,15 @@ def _train_epoch(model, ddp, opt, batches, cfg: SegmenterConfig, schedule,
             "epoch_seconds": round(time.time() - t0, 2), "data_wait_seconds": round(waited, 2)}
 
 
-def _validate(model, shard, batch_size: int, device, num_labels: int, background: bool
-              ) -> dict:
+def val_batches(shard, batch_size: int, device) -> ValBatches:
+    """The val split's (image, mask) batches, cached after the first epoch when small."""
+    import torch
+
+    return ValBatches(shard, batch_size, device, {"image": torch.uint8, "mask": torch.uint8})
+
+
+def _validate(model, batches, num_labels: int, background: bool) -> dict:
+    """Pixel mIoU and accuracy of `model` on `batches` (`val_batches`)."""
     import torch
 
     from ..evaluate import ConfusionMatrix
@@ -187,9 +194,7 @@ def _validate(model, shard, batch_size: int, device, num_labels: int, background
     model.eval()
     conf = ConfusionMatrix(num_labels)
     with torch.no_grad():
-        for batch in shard.iter_torch_batches(batch_size=batch_size, device=device,
-                                              dtypes={"image": torch.uint8,
-                                                      "mask": torch.uint8}):
+        for batch in batches:
             pred = model(batch["image"].permute(0, 3, 1, 2).float()).argmax(1)
             conf.update(batch["mask"].cpu().numpy(), pred.cpu().numpy().astype(np.uint8))
     m = conf.metrics(exclude=() if background else (0,))
@@ -216,6 +221,8 @@ def train_loop(lc: SegLoopConfig) -> None:
     schedule = {"total": steps_per_epoch * cfg.epochs,
                 "warmup": int(cfg.warmup_epochs * steps_per_epoch)}
     shard = ray.train.get_dataset_shard("train")
+    val = val_batches(ray.train.get_dataset_shard("val"), per_worker, device) \
+        if rank == 0 and lc.has_val else None
     for epoch in range(start, cfg.epochs):
         batches = iter(shard.iter_torch_batches(
             batch_size=per_worker, drop_last=True, local_shuffle_buffer_size=4 * per_worker,
@@ -225,9 +232,8 @@ def train_loop(lc: SegLoopConfig) -> None:
             model, ddp, opt, batches, cfg, {**schedule, "first_step": epoch * steps_per_epoch},
             lc.background),
             "restarts": restarts, "workers": world}
-        if rank == 0 and lc.has_val:
-            metrics.update(_validate(model, ray.train.get_dataset_shard("val"), per_worker,
-                                     device, lc.num_labels, lc.background))
+        if val is not None:
+            metrics.update(_validate(model, val, lc.num_labels, lc.background))
         history.append(metrics)
         report_epoch(metrics, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                "epoch": epoch, "history": history, "restarts": restarts})

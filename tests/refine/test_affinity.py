@@ -149,3 +149,56 @@ def test_crf_from_labels_cleans_flipped_labels_along_image_edges():
     out = crf_from_labels(image, noisy, 2, IRN_LABEL_CRF)
     assert out.shape == (40, 60) and (out == truth).mean() > 0.99
     assert (crf_from_labels(image, np.zeros_like(truth), 1, IRN_LABEL_CRF) == 0).all()
+
+
+def test_the_stage_batch_functions_label_each_row_of_a_batch():
+    """The affinity_labels stage's batch functions (CAMs, and C²AM saliency) give each
+    row the labels of the single-image functions, with the config's label CRF; a
+    saliency map of the wrong size is refused naming the row. (The stage itself runs
+    in tests/test_random_walk_stages.py, from saliency.)"""
+    from ray_wsss.config import AffinityConfig
+    from ray_wsss.data.codecs import decode_mask, encode_array, encode_image, encode_mask
+    from ray_wsss.errors import DataError
+    from ray_wsss.refine.affinity import saliency_affinity_labels
+    from ray_wsss.refine.affinity_stage import (label_batch, label_crf_config,
+                                                saliency_label_batch)
+
+    image, cam, _, dist = square_scene()
+    images = [image, image[:, ::-1].copy()]
+    cams = [np.concatenate([cam, 0.5 * cam]), cam[:, :, ::-1].copy()]
+    vectors = [np.array([0, 1, 1], np.uint8), np.array([1, 0, 0], np.uint8)]
+    classes = [[2, 3], [1]]
+    saliency = (dist < 20).astype(np.float32) * 0.9 + 0.05
+    batch = {"image_id": np.array(["a", "b"], object), "split": np.array(["train"] * 2, object),
+             "image": np.array([encode_image(i) for i in images], object),
+             "cam": np.array([encode_array(c) for c in cams], object),
+             "label_vector": np.stack(vectors),
+             "saliency": np.array([encode_mask((saliency * 255).round().astype(np.uint8))] * 2,
+                                  object)}
+    cfg = AffinityConfig()
+    crf = label_crf_config(cfg)
+    for background in (True, False):
+        out = label_batch(batch, cfg, background)
+        assert list(out["image_id"]) == ["a", "b"] and list(out["split"]) == ["train"] * 2
+        for k in range(2):
+            c = decode_array_f16(cams[k])
+            np.testing.assert_array_equal(
+                decode_mask(out["affinity_label"][k]),
+                affinity_labels(images[k], c, classes[k], cfg.fg_threshold, cfg.bg_threshold,
+                                crf, background, cfg.label_crf.gt_prob))
+    out = saliency_label_batch(batch, cfg)
+    s = np.round(saliency * 255) / 255
+    for k in range(2):
+        expected = saliency_affinity_labels(
+            images[k], decode_array_f16(cams[k]), classes[k], s.astype(np.float32),
+            cfg.saliency_threshold, cfg.saliency_fg_threshold, crf, cfg.label_crf.gt_prob)
+        np.testing.assert_array_equal(decode_mask(out["affinity_label"][k]), expected)
+        assert (expected == 0).any() and (expected == UNSURE).any()
+    batch["saliency"] = np.array([encode_mask(np.zeros((8, 8), np.uint8))] * 2, object)
+    with pytest.raises(DataError, match="row a: saliency is 8x8, the image 96x96"):
+        saliency_label_batch(batch, cfg)
+
+
+def decode_array_f16(cams):
+    """The CAMs as the stage reads them back (stored as float16)."""
+    return cams.astype(np.float16).astype(np.float32)

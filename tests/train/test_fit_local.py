@@ -84,3 +84,41 @@ def test_num_workers_zero_is_a_valid_fit_setting(workers):
                       [f"{s}.num_workers={workers}" for s in
                        ("classifier", "segmenter", "affinity", "c2am", "pct")])
     assert cfg.classifier.num_workers == cfg.pct.num_workers == workers
+
+
+class _CountingShard:
+    """A real Ray Data iterator that counts the passes asked of it."""
+    def __init__(self, ds):
+        self.it, self.passes = ds.iterator(), 0
+
+    def iter_torch_batches(self, **kw):
+        self.passes += 1
+        return self.it.iter_torch_batches(**kw)
+
+
+def test_val_batches_read_the_shard_once_when_small_and_every_time_when_not(ray_local):
+    """`ValBatches` (the val split of every fit): a small val set is read from Ray Data
+    once and served from memory afterwards, the same batches; past `cache_bytes` it is
+    streamed on every pass."""
+    import ray.data
+
+    from ray_wsss.train.fit import ValBatches
+
+    ds = ray.data.range(10).map_batches(
+        lambda b: {"x": b["id"].astype("int64"), "y": (b["id"] % 3).astype("uint8")},
+        batch_format="numpy")
+    dtypes = {"x": torch.int64, "y": torch.uint8}
+    shard = _CountingShard(ds)
+    val = ValBatches(shard, 4, "cpu", dtypes)
+    first = [{k: v.clone() for k, v in b.items()} for b in val]
+    second = list(val)
+    assert shard.passes == 1 and [len(b["x"]) for b in first] == [4, 4, 2]
+    for a, b in zip(first, second):
+        assert torch.equal(a["x"], b["x"]) and torch.equal(a["y"], b["y"])
+    assert sorted(torch.cat([b["x"] for b in second]).tolist()) == list(range(10))
+    # 10 rows of 9 bytes: a 40-byte cache holds four of them, not all
+    big = _CountingShard(ds)
+    streamed = ValBatches(big, 4, "cpu", dtypes, cache_bytes=40)
+    for _ in range(3):
+        assert sorted(torch.cat([b["x"] for b in streamed]).tolist()) == list(range(10))
+    assert big.passes == 3
