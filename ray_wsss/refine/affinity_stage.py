@@ -24,7 +24,7 @@ from ..config import AffinityConfig, CrfConfig
 from ..data.codecs import decode_array, decode_image, encode_mask
 from ..data.dataset import open_dataset, vector_to_labels
 from ..data.join import with_columns
-from ..errors import DataError, StageError
+from ..errors import DataError
 from ..runtime import write_parquet
 from .affinity import affinity_labels, saliency_affinity_labels
 
@@ -83,9 +83,9 @@ def run(config, ctx) -> dict:
                       [split], rows_per_block=cfg.label_batch_size)
     ds = with_columns(ds, ctx.input("cams"), ["cam"], batch_size=cfg.label_batch_size)
     if cfg.labels_from == "saliency":
-        if not info.background:
-            raise StageError("affinity.labels_from: saliency needs a dataset with a "
-                             "background class (saliency separates objects from it)")
+        from ..train.c2am import require_background
+
+        require_background(info)
         ds = with_columns(ds, ctx.input("saliency"), ["saliency"],
                           batch_size=cfg.label_batch_size)
         ds = ds.map_batches(saliency_label_batch, fn_kwargs={"cfg": cfg},

@@ -212,10 +212,21 @@ def make_trainer(config, dataset_path: str, cams_dir: str | None, classifier_dir
                          allow_cpu_fallback=config.ray.allow_cpu_fallback)
 
 
+def require_background(info) -> None:
+    """Saliency (C²AM-H) separates objects from a background: refused for a dataset
+    whose every pixel has a class (`data.background: false`, e.g. CamVid), before the
+    C²AM fit rather than after it."""
+    if not info.background:
+        raise StageError("affinity.labels_from: saliency needs a dataset with a background "
+                         "class (C²AM's saliency separates objects from it); this dataset "
+                         "gives every pixel a class: use affinity.labels_from: cams")
+
+
 def run(config, ctx) -> dict:
     """Fit C²AM and export it to `<step folder>/model.{pt,json}`."""
     from ..models.c2am import build_c2am, save_c2am
 
+    require_background(ctx.dataset_info())
     cfg = config.c2am
     name = fit_name(ctx)
     train_root = storage.join(ctx.path, "ray_train")

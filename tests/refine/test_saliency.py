@@ -3,6 +3,7 @@ mask's threshold rule and the hint maps the fit learns from. The c2am, saliency 
 affinity_labels stages run on a copy of the tiny run in tests/test_random_walk_stages.py
 (the saliency's polarity, the labels against the ground truth)."""
 import numpy as np
+import pytest
 
 from ray_wsss.config import CrfConfig, LabelCrfConfig, SaliencyConfig
 from ray_wsss.refine.affinity import UNSURE, saliency_affinity_labels
@@ -86,3 +87,34 @@ def test_hints_are_the_max_cam_and_travel_with_the_image():
     assert out["image"].shape == (6, 24, 24, 3) and out["hint"].shape == (6, 24, 24)
     red = (out["image"][..., 0] > 200) & (out["image"][..., 1] < 50)
     assert red.any() and (out["hint"][red] >= 250).mean() > 0.9
+
+
+def test_saliency_hints_are_refused_for_a_dataset_without_background(tmp_path):
+    """C²AM-H needs a background class: on a dataset whose every pixel has a class
+    (CamVid) the c2am stage refuses before fitting, naming the key and the way out."""
+    from PIL import Image
+
+    from ray_wsss.config import load_config
+    from ray_wsss.data import importers
+    from ray_wsss.errors import StageError
+    from ray_wsss.pipeline import run_stage
+    from ray_wsss.run import Run
+
+    from ..conftest import REPO
+
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    for k in range(2):
+        Image.fromarray(np.full((16, 16, 3), 60 * k, np.uint8)).save(images / f"f{k}.png")
+        Image.fromarray(np.full((16, 16), k, np.uint8)).save(masks / f"f{k}.png")
+    run_dir = tmp_path / "run"
+    importers.import_folder([("train", str(images), str(masks))], str(run_dir / "dataset"),
+                            classes=["road", "car"], background=False,
+                            opts=importers.ImportOptions(mask_offset=1))
+    config = load_config(f"{REPO}/configs/demo.yaml", [
+        f"run_dir={run_dir}", "random_walk.enabled=true", "affinity.labels_from=saliency"])
+    with pytest.raises(StageError, match="affinity.labels_from: saliency needs a dataset "
+                                         "with a background class.*labels_from: cams"):
+        run_stage("c2am", config, Run(config), check_upstream=False)
+    assert not (run_dir / "c2am").exists()
