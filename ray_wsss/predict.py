@@ -28,7 +28,7 @@ import numpy as np
 from .actors import ActorResources, actor_count, map_with_model
 from .config import CrfConfig
 from .data.codecs import decode_image, encode_mask, scaled_size
-from .data.dataset import open_dataset
+from .data.dataset import RowFilter, open_dataset
 from .runtime import write_parquet
 
 
@@ -122,12 +122,32 @@ class FramePredictor(SegmentPredictor):
         return out
 
 
-def _frame_key(batch):
-    """Add `frame`: the parent's id for a tile, the image's own id otherwise."""
-    import pyarrow.compute as pc
+class _FrameRows:
+    """Ray Data UDF over the dataset's file blocks: the rows of `splits`, each with
+    `frame` (the parent's id for a tile, the image's own id otherwise). The split filter
+    and the key are one call on purpose: Ray Data does not call a UDF on an empty block
+    and passes on an empty block without columns, and the group-by's hash shuffle then
+    fails to concatenate it with the others ("ArrowInvalid: Schema at index 1 was
+    different"); a file holding none of the split's rows (a train file when predicting
+    val) made such a block when the filter and the key were two maps. Here an empty
+    result keeps the schema."""
 
-    return batch.append_column("frame", pc.coalesce(batch.column("parent_id"),
-                                                    batch.column("image_id")))
+    def __init__(self, splits):
+        self.filter = RowFilter(splits)
+
+    def __call__(self, batch):
+        import pyarrow.compute as pc
+
+        batch = self.filter(batch)
+        return batch.append_column("frame", pc.coalesce(batch.column("parent_id"),
+                                                        batch.column("image_id")))
+
+
+def frame_rows(ds, splits: Sequence[str]):
+    """The rows of `splits` of `ds` (a tiled dataset's blocks, unfiltered, with the
+    columns `split`, `image_id` and the tile columns) with `frame`, ready to be grouped
+    by frame."""
+    return ds.map_batches(_FrameRows(splits), batch_format="pyarrow", batch_size=None)
 
 
 def prediction_dataset(config, dataset_path: str, model_dir: str, splits=None):
@@ -150,8 +170,7 @@ def prediction_dataset(config, dataset_path: str, model_dir: str, splits=None):
     if cfg.whole_frames and read_tiling(dataset_path) is not None:
         # all the tiles of a frame in one call: a group-by (a shuffle of the rows of
         # `splits`; images are small next to the model's work on them)
-        ds = open_dataset(dataset_path, columns + list(TILE_COLUMNS), splits)
-        ds = ds.map_batches(_frame_key, batch_format="pyarrow", batch_size=None)
+        ds = frame_rows(open_dataset(dataset_path, columns + list(TILE_COLUMNS)), splits)
         import ray.data
         # a few hash partitions per actor, not Ray Data's default of 200 (each a task)
         return ds.groupby("frame", num_partitions=4 * actor_count(res)).map_groups(

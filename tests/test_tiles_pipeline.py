@@ -1,6 +1,7 @@
 """Tiles through the prediction stage: whole-frame inference cut back into the tiles,
 scores per tile that equal a scoring of the stitched frames, and `export --stitch`."""
 import numpy as np
+import pyarrow as pa
 import pytest
 from PIL import Image
 
@@ -124,3 +125,45 @@ def test_whole_frame_predictions_cut_into_tiles_and_stitched_scores(tmp_path, ra
     for frame in frames:
         gt = decode_mask((tmp_path / "gt" / f"{frame}.png").read_bytes())
         np.testing.assert_array_equal(gt, truth[frame])
+
+
+def test_frames_of_a_split_keep_their_columns_when_a_block_holds_none_of_its_rows(
+        tmp_path, ray_local):
+    """The rows the whole-frame prediction groups by frame: every block carries the
+    columns and `frame`, also the empty block of a file that holds no row of the split
+    (a train file when predicting val). Filtering and keying in two maps left such a
+    block without columns (Ray Data does not call a map on an empty block), and the
+    group-by's hash shuffle then failed at random on CamVid tiles ("ArrowInvalid:
+    Schema at index 1 was different")."""
+    import pyarrow.compute as pc
+    import ray
+    import ray.data
+
+    from ray_wsss.data.dataset import TILE_COLUMNS, RowFilter, read_table
+    from ray_wsss.predict import _FrameRows, frame_rows
+
+    dataset, _ = _tiled_dataset(tmp_path)
+    table = read_table(dataset, ["image_id", "split", "image", *TILE_COLUMNS])
+    f0 = pc.equal(table["parent_id"], "f0")
+    train = table.filter(f0).set_column(   # frame f0's tiles: a block of train rows
+        table.schema.get_field_index("split"), table.schema.field("split"),
+        pa.array(["train"] * int(pc.sum(f0).as_py()), pa.string()))
+    two_blocks = [train, table.filter(pc.invert(f0))]
+
+    def blocks(ds):
+        mat = ds.materialize()
+        return [ray.get(ref) for bundle in mat.iter_internal_ref_bundles()
+                for ref in bundle.block_refs]
+
+    keyed = blocks(frame_rows(ray.data.from_arrow(two_blocks), ["val"]))
+    assert [b.num_rows for b in keyed] == [0, 11]
+    for b in keyed:
+        assert b.schema.names == [*table.schema.names, "frame"], b.schema
+    assert sorted(set(keyed[1]["frame"].to_pylist())) == ["f1", "f2"]
+    assert keyed[1]["frame"].to_pylist() == keyed[1]["parent_id"].to_pylist()
+    # the reason: the filter and the key as two maps leave the empty block without columns
+    filtered = ray.data.from_arrow(two_blocks).map_batches(
+        RowFilter(["val"]), batch_format="pyarrow", batch_size=None)
+    two_maps = blocks(filtered.map_batches(lambda t: _FrameRows(None)(t),
+                                           batch_format="pyarrow", batch_size=None))
+    assert sorted(len(b.schema.names) for b in two_maps)[0] == 0
