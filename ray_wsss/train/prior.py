@@ -98,11 +98,30 @@ class PriorMaker:
                 "prior": np.array(priors, dtype=object)}
 
 
+def flat_prior_warning(prior: str, background: bool, alpha, num_classes: int) -> str | None:
+    """The summed prior is nearly constant on a dataset without a background class: the
+    restricted softmax sums to 1 over the image's classes at every pixel, so with equal
+    alpha M = sum_i c_i P(c_i) is about the classes' probabilities everywhere (on CamVid
+    tiles 0.99 with a within-tile spread of 0.01, measured 2026-11-28). None when M can
+    carry the masks (background, per-class channels, or unequal alpha)."""
+    if prior != "sum" or background or len(set(class_weights(alpha, num_classes))) > 1:
+        return None
+    return ("loop.prior: sum on a dataset without a background class: the image's class "
+            "masks sum to 1 at every pixel, so M = sum_i c_i P(c_i) is nearly constant and "
+            "tells the classifier little; use loop.prior: per_class (or unequal "
+            "loop.alpha)")
+
+
 def run(config, ctx) -> dict:
+    import sys
+
     from ..runtime import gpus_usable
 
     cfg, pcfg = config.loop, config.predict
     info = ctx.dataset_info()
+    warning = flat_prior_warning(cfg.prior, info.background, cfg.alpha, info.num_classes)
+    if warning:
+        print(f"[ray-wsss] warning: {warning}", file=sys.stderr, flush=True)
     cams = ctx.input("cams")  # the previous round's: its rows say which images and P
     # the images round t's classifier trains and validates on and its CAMs cover: the
     # previous round's CAM step's splits

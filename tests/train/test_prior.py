@@ -123,3 +123,26 @@ def test_per_class_priors_resize_like_the_image_in_every_path():
     np.testing.assert_array_equal(small[..., :3], cv2.resize(image, (37, 29),
                                                               interpolation=cv2.INTER_AREA))
     assert (small[..., 3:] == small[..., :1]).all()
+
+
+def test_the_summed_prior_is_flat_without_a_background_class_and_warned_of():
+    """On a dataset without background (CamVid) the model never predicts label 0, the
+    restricted softmax sums to 1 over the image's classes, and with equal alpha the
+    summed prior is about the classes' probabilities everywhere: it carries no mask.
+    The per-class channels still do. The prior stage warns of that case only."""
+    from ray_wsss.train.prior import flat_prior_warning
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, (4, 6, 6)).astype(np.float32)
+    logits[0] = -30                                  # label 0: never predicted
+    scores = np.exp(logits) / np.exp(logits).sum(0, keepdims=True)
+    probs = np.array([0.95, 0.9, 0.02], np.float32)  # classes 1 and 2 are the image's
+    m = compute_prior(scores, [1, 2], probs, class_weights(None, 3), per_class=False)
+    assert m.min() >= 0.9 - 1e-6 and m.max() <= 0.95 + 1e-6   # flat: P, not the masks
+    per_class = compute_prior(scores, [1, 2], probs, class_weights(None, 3), True)
+    assert per_class[0].max() - per_class[0].min() > 0.5     # the masks are there
+    assert "use loop.prior: per_class" in flat_prior_warning("sum", False, None, 3)
+    assert flat_prior_warning("sum", False, [1.0, 1.0, 1.0], 3) is not None
+    for args in (("sum", True, None), ("per_class", False, None),
+                 ("sum", False, [1.0, 0.5, 1.0])):
+        assert flat_prior_warning(*args, 3) is None, args
