@@ -197,9 +197,9 @@ def train_loop(lc: WorkerConfig) -> None:
     schedule = {"total": steps_per_epoch * cfg.epochs,
                 "warmup": int(cfg.warmup_epochs * steps_per_epoch)}
     train_shard = ray.train.get_dataset_shard("train")
-    val_batches = ValBatches(ray.train.get_dataset_shard("val") if lc.has_val else None,
-                             per_worker, device,
-                             {"image": torch.uint8, "label_vector": torch.float32})
+    val_batches = ValBatches(ray.train.get_dataset_shard("val"), per_worker, device,
+                             {"image": torch.uint8, "label_vector": torch.float32}) \
+        if rank == 0 and lc.has_val else None
     pairs = (PairPool(reg.mcis.pair_pool, cfg.seed, rank, reg.mcis.pair_per_class)
              if reg.mcis.enabled else None)
     for epoch in range(fit.start_epoch, cfg.epochs):
@@ -210,7 +210,7 @@ def train_loop(lc: WorkerConfig) -> None:
                                {**schedule, "first_step": epoch * steps_per_epoch},
                                pairs, generator)
         metrics.update(restarts=fit.restarts, workers=world)
-        if rank == 0 and lc.has_val:
+        if val_batches is not None:
             metrics.update(_validate(fit.model, val_batches, average_precision))
         fit.history.append(metrics)
         state = {"model": fit.model.state_dict(), "optimizer": fit.opt.state_dict(),
