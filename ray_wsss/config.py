@@ -281,6 +281,12 @@ class SegmenterConfig:
     # classes and background); `pct` learns the hybrid net's label-restricted
     # predictions (stage `pct`) with CCE, the pixel-labelled images their ground truth
     mode: Literal["weak", "cce", "pct"] = added("weak")
+    # per-class weights of the loss: null (every pixel alike) or `median_frequency`
+    # (SegNet's median frequency balancing, Eigen & Fergus 2015: class c weighs
+    # median_f / f_c, f_c = its pixels / the pixels of the train images that hold it,
+    # counted on the fit's targets): thin and rare classes (poles, signs) are not drowned
+    # by road and sky. Background counts as a class.
+    class_weights: Literal["median_frequency"] | None = added(None)
     epochs: int = 10
     batch_size: int = 16             # global batch, split over the workers
     lr: float = 0.01

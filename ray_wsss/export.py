@@ -185,20 +185,24 @@ class _Stitcher:
 
 def _export_masks(run, folder: str, column: str, out: str, splits,
                   stitch: bool = False) -> int:
+    stitcher = _Stitcher(run.dataset_path) if stitch else None
+
+    def pngs():
+        """(name, split, PNG bytes) of every image, or of every stitched frame."""
+        for image_id, split, data in _rows(folder, ["image_id", "split", column], splits):
+            if data is None:
+                continue
+            ready = [(image_id, data)] if stitcher is None else \
+                stitcher.add(image_id, data, split)
+            yield from ((name, split, png) for name, png in ready)
+        if stitcher is not None:
+            yield from ((name, stitcher.split[name], png) for name, png in stitcher.rest())
+
     ids_by_split: dict[str, list[str]] = {}
     files = 0
-    stitcher = _Stitcher(run.dataset_path) if stitch else None
-    for image_id, split, data in _rows(folder, ["image_id", "split", column], splits):
-        if data is None:
-            continue
-        ready = [(image_id, data)] if stitcher is None else stitcher.add(image_id, data, split)
-        for name, png in ready:
-            storage.write_bytes_atomic(storage.join(out, safe_name(name) + ".png"), png)
-            ids_by_split.setdefault(split, []).append(name)
-            files += 1
-    for name, png in stitcher.rest() if stitcher is not None else ():
+    for name, split, png in pngs():
         storage.write_bytes_atomic(storage.join(out, safe_name(name) + ".png"), png)
-        ids_by_split.setdefault(stitcher.split[name], []).append(name)
+        ids_by_split.setdefault(split, []).append(name)
         files += 1
     if not files:
         raise StageError(f"export: no {column} in {folder}"

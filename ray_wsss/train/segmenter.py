@@ -5,10 +5,12 @@ segmentation network learns from the pseudo masks of the train split and then la
 any photo, tags or not. Ray Data joins each train image with its pseudo mask (the CRF
 masks or the seeds, `segmenter.masks`; pixels in `segmenter.unsure_band` ignored),
 decodes and augments both together on CPU workers (random rescale 0.5-2.0, crop, flip,
-colour jitter), and streams shards to the workers; cross-entropy with ignore 255, SGD
-with poly decay, backbone at the base rate and ASPP + decoder at 10x (DeepLab). Every
-epoch ends with a checkpoint and, on rank 0, the val mIoU against ground truth (images
-letterboxed to the crop size: a quick figure; the `predict` step scores full images).
+colour jitter), and streams shards to the workers; cross-entropy with ignore 255
+(weighted per class by median frequency with `segmenter.class_weights`, counted on the
+targets in one pass before the fit), SGD with poly decay, backbone at the base rate and
+ASPP + decoder at 10x (DeepLab). Every epoch ends with a checkpoint and, on rank 0, the
+val mIoU against ground truth (images letterboxed to the crop size: a quick figure; the
+`predict` step scores full images).
 
 Semi-weak mode (`semi`, `segmenter.mode`): the pixel-labelled images `semi` names learn
 their ground truth instead of their pseudo masks (joined from the dataset on image_id);
@@ -101,6 +103,7 @@ class SegLoopConfig:
     background: bool
     init: str                    # pretrained | classifier | scratch
     classifier_dir: str | None   # the classifier whose backbone starts the fit
+    class_weights: tuple[float, ...] | None = None   # per label, segmenter.class_weights
 
 
 def build_model(lc: SegLoopConfig):
@@ -136,29 +139,86 @@ def load_classifier_backbone(model, classifier_dir: str, backbone: str) -> None:
     model.backbone.load_state_dict(state)
 
 
-def segmentation_loss(logits, target):
-    """Cross-entropy over labels with ignore 255: logits (B, L, H, W), target (B, H, W)."""
+def segmentation_loss(logits, target, class_weights=None):
+    """Cross-entropy over labels with ignore 255: logits (B, L, H, W), target (B, H, W);
+    with `class_weights` (L,) the weighted mean over the valid pixels."""
     import torch.nn.functional as F
 
-    return F.cross_entropy(logits, target.long(), ignore_index=255)
+    return F.cross_entropy(logits, target.long(), weight=class_weights, ignore_index=255)
 
 
-def batch_loss(logits, batch: dict, mode: str, background: bool):
+def batch_loss(logits, batch: dict, mode: str, background: bool, class_weights=None):
     """The fit's loss for `segmenter.mode`: cross entropy (`weak`), or class-aware cross
-    entropy over each image's classes and background (`cce`, `pct`)."""
+    entropy over each image's classes and background (`cce`, `pct`); `class_weights`
+    (a tensor of one weight per label, or None) weigh the pixels by their target."""
     if mode == "weak":
-        return segmentation_loss(logits, batch["mask"])
+        return segmentation_loss(logits, batch["mask"], class_weights)
     from .semi import allowed_labels, class_aware_cross_entropy
 
     return class_aware_cross_entropy(logits, batch["mask"],
-                                     allowed_labels(batch["label_vector"], background))
+                                     allowed_labels(batch["label_vector"], background),
+                                     class_weights=class_weights)
+
+
+def label_pixel_counts(batch: dict, column: str, num_labels: int) -> dict:
+    """Ray Data batch function: per target mask, the pixels of each label (`pixels`) and,
+    for each label it holds, the mask's valid pixels (`present`): rows of length
+    num_labels (255 = ignored, not counted)."""
+    from ..data.codecs import decode_mask
+
+    pixels = np.zeros((len(batch[column]), num_labels), np.int64)
+    present = np.zeros_like(pixels)
+    for i, data in enumerate(batch[column]):
+        m = decode_mask(data, f"{column} of image_id {batch['image_id'][i]}")
+        valid = m[m != 255]
+        if valid.size and int(valid.max()) >= num_labels:
+            raise StageError(f"segmenter: a {column} mask of image "
+                             f"{batch['image_id'][i]!r} holds label {int(valid.max())}; "
+                             f"the dataset has {num_labels} labels")
+        pixels[i] = np.bincount(valid, minlength=num_labels)
+        present[i] = np.where(pixels[i] > 0, valid.size, 0)
+    return {"pixels": pixels, "present": present}
+
+
+def median_frequency_weights(pixels: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """SegNet's median frequency balancing (Eigen & Fergus 2015): f_c = pixels of label c
+    / pixels of the images that hold c; weight_c = median(f) / f_c over the labels that
+    occur; a label that never occurs weighs 0 (it is never a target)."""
+    pixels, present = np.asarray(pixels, np.float64), np.asarray(present, np.float64)
+    seen = pixels > 0
+    if not seen.any():
+        raise StageError("segmenter.class_weights: median_frequency: the targets hold no "
+                         "labelled pixel")
+    freq = np.where(seen, pixels / np.maximum(present, 1), 0.0)
+    weights = np.zeros_like(freq)
+    weights[seen] = np.median(freq[seen]) / freq[seen]
+    return weights
+
+
+def class_weights_of(rows, column: str, num_labels: int) -> tuple[float, ...]:
+    """The median-frequency weights of the fit's targets (`rows`, materialised)."""
+    counts = rows.select_columns(["image_id", column]).map_batches(
+        label_pixel_counts, fn_kwargs={"column": column, "num_labels": num_labels},
+        batch_format="numpy", batch_size=64)
+    pixels = np.zeros(num_labels, np.int64)
+    present = np.zeros(num_labels, np.int64)
+    for batch in counts.iter_batches(batch_format="numpy", batch_size=None):
+        pixels += batch["pixels"].sum(0)
+        present += batch["present"].sum(0)
+    return tuple(float(w) for w in median_frequency_weights(pixels, present))
 
 
 def _train_epoch(model, ddp, opt, batches, cfg: SegmenterConfig, schedule,
-                 background: bool = True) -> dict:
+                 background: bool = True, class_weights=None) -> dict:
     total, warmup, step = schedule["total"], schedule["warmup"], schedule["first_step"]
     ddp.train()
     t0, waited, losses = time.time(), 0.0, []
+    weights = None
+    if class_weights is not None:
+        import torch
+
+        weights = torch.tensor(class_weights, dtype=torch.float32,
+                               device=next(model.parameters()).device)
     while True:
         t_wait = time.time()
         batch = next(batches, None)
@@ -167,7 +227,7 @@ def _train_epoch(model, ddp, opt, batches, cfg: SegmenterConfig, schedule,
             break
         set_lr(opt, lr_at(step, total, cfg.lr, warmup))
         logits = ddp(batch["image"].permute(0, 3, 1, 2).float())
-        loss = batch_loss(logits, batch, cfg.mode, background)
+        loss = batch_loss(logits, batch, cfg.mode, background, weights)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -230,13 +290,14 @@ def train_loop(lc: SegLoopConfig) -> None:
             device=device))
         metrics = {"epoch": epoch + 1, **_train_epoch(
             model, ddp, opt, batches, cfg, {**schedule, "first_step": epoch * steps_per_epoch},
-            lc.background),
+            lc.background, lc.class_weights),
             "restarts": restarts, "workers": world}
         if val is not None:
             metrics.update(_validate(model, val, lc.num_labels, lc.background))
         history.append(metrics)
         report_epoch(metrics, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                               "epoch": epoch, "history": history, "restarts": restarts})
+                               "epoch": epoch, "history": history, "restarts": restarts,
+                               "class_weights": lc.class_weights})
 
 
 def training_rows(config, dataset_path: str, masks_dir: str, cams_dir: str | None,
@@ -282,6 +343,8 @@ def make_trainer(config, dataset_path: str, masks_dir: str, cams_dir: str | None
     has_val = bool(cfg.val_split) and counts.get(cfg.val_split, 0) > 0
     column = column or MASK_COLUMNS[cfg.masks]
     rows = training_rows(config, dataset_path, masks_dir, cams_dir, column, labelled)
+    weights = class_weights_of(rows, column, info.num_classes + 1) \
+        if cfg.class_weights == "median_frequency" else None
     datasets = {"train": rows.map_batches(
         SegTrainTransform(cfg.crop_size, cfg.scale_range, cfg.hflip, cfg.color_jitter,
                           column, cfg.unsure_band if cams_dir else None),
@@ -292,7 +355,7 @@ def make_trainer(config, dataset_path: str, masks_dir: str, cams_dir: str | None
                                           batch_format="numpy", batch_size=16)
     lc = SegLoopConfig(segmenter=cfg, model=model_cfg, num_labels=info.num_classes + 1,
                        num_train=num_train, has_val=has_val, background=info.background,
-                       init=init, classifier_dir=classifier_dir)
+                       init=init, classifier_dir=classifier_dir, class_weights=weights)
     return build_trainer(train_loop, lc, cfg, name, storage_path, datasets,
                          callbacks=callbacks, where="segmenter",
                          allow_cpu_fallback=config.ray.allow_cpu_fallback)
@@ -336,7 +399,9 @@ def run(config, ctx) -> dict:
     model.load_state_dict(state["model"])
     save_segmenter(model, model_cfg, ctx.path, info.classes,
                    {"epochs": state["epoch"] + 1, "masks": config.segmenter.masks,
-                    "mode": config.segmenter.mode, "labelled_images": len(labelled)})
+                    "mode": config.segmenter.mode, "labelled_images": len(labelled),
+                    **({"class_weights": [round(w, 4) for w in state["class_weights"]]}
+                       if state.get("class_weights") else {})})
     remove_earlier_fits(train_root, name)
     storage.write_json_atomic(storage.join(ctx.path, "history.json"), state["history"])
     if labelled:

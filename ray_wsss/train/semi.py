@@ -50,20 +50,27 @@ def restrict(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
 
 def class_aware_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
                               allowed: torch.Tensor,
-                              image_weights: torch.Tensor | None = None) -> torch.Tensor:
+                              image_weights: torch.Tensor | None = None,
+                              class_weights: torch.Tensor | None = None) -> torch.Tensor:
     """CCE: cross entropy of the softmax restricted to each image's `allowed` labels.
 
     logits (B, L, H, W), target (B, H, W) in 0..L-1 or 255 (ignored), allowed (B, L)
     bool. Without `image_weights`: the mean over the valid pixels of the batch (as
     `F.cross_entropy`). With image_weights (B,): each image's mean over its valid pixels,
-    times its weight, averaged over the images (an image without a valid pixel adds 0)."""
+    times its weight, averaged over the images (an image without a valid pixel adds 0).
+    `class_weights` (L,): each pixel weighs its target's weight, and the means are
+    weighted means (as `F.cross_entropy(weight=...)`)."""
     target = target.long()
     masked = restrict(logits, _with_target_labels(allowed, target))
     if image_weights is None:
-        return F.cross_entropy(masked, target, ignore_index=IGNORE)
-    per_pixel = F.cross_entropy(masked, target, ignore_index=IGNORE, reduction="none")
+        return F.cross_entropy(masked, target, weight=class_weights, ignore_index=IGNORE)
+    per_pixel = F.cross_entropy(masked, target, weight=class_weights, ignore_index=IGNORE,
+                                reduction="none")
+    # per_pixel is 0 on ignored pixels and carries its class weight on the others
     valid = (target != IGNORE).flatten(1).float()
-    per_image = (per_pixel.flatten(1) * valid).sum(1) / valid.sum(1).clamp(min=1)
+    if class_weights is not None:
+        valid = valid * class_weights[torch.where(target == IGNORE, 0, target)].flatten(1)
+    per_image = per_pixel.flatten(1).sum(1) / valid.sum(1).clamp(min=1e-12)
     return (per_image * image_weights.to(per_image.dtype)).mean()
 
 

@@ -1,5 +1,6 @@
 """The segmentation model's training: joint augmentation of image and mask, the loss,
 and a small fit that must learn the demo's masks."""
+import os
 import time
 
 import cv2
@@ -13,7 +14,8 @@ from ray_wsss.data.demo import render
 from ray_wsss.data.transforms import SegTrainTransform, joint_scale_crop, unsure_to_ignore
 from ray_wsss.evaluate import ConfusionMatrix
 from ray_wsss.models.deeplab import build_segmenter
-from ray_wsss.train.segmenter import segmentation_loss
+from ray_wsss.train.segmenter import (label_pixel_counts, median_frequency_weights,
+                                      segmentation_loss)
 
 
 def _stripes(h=90, w=130):
@@ -81,6 +83,29 @@ def test_segmentation_loss_is_cross_entropy_without_ignored_pixels():
     assert segmentation_loss(logits, target).item() == pytest.approx(expected.item())
 
 
+def test_median_frequency_weights_by_hand():
+    """Two masks of 100 pixels: A has 90 of label 1 and 10 of label 2, B 50 of label 1
+    and 50 of label 3 (and 20 ignored). f1 = 140/200, f2 = 10/100, f3 = 50/100; the
+    median is 0.5: weights 0.5/0.7, 5, 1; label 0 never occurs: weight 0."""
+    a = np.array([1] * 90 + [2] * 10, np.uint8).reshape(10, 10)
+    b = np.array([1] * 50 + [3] * 50 + [255] * 20, np.uint8).reshape(12, 10)
+    counts = label_pixel_counts({"image_id": np.array(["a", "b"], object),
+                                 "target": np.array([encode_mask(a), encode_mask(b)], object)},
+                                "target", 4)
+    assert counts["pixels"].tolist() == [[0, 90, 10, 0], [0, 50, 0, 50]]
+    assert counts["present"].tolist() == [[0, 100, 100, 0], [0, 100, 0, 100]]
+    w = median_frequency_weights(counts["pixels"].sum(0), counts["present"].sum(0))
+    assert w == pytest.approx([0.0, 0.5 / 0.7, 5.0, 1.0])
+
+
+def test_a_target_label_beyond_the_dataset_names_the_image():
+    with pytest.raises(Exception, match=r"'b'.*label 7.*4 labels"):
+        label_pixel_counts({"image_id": np.array(["a", "b"], object),
+                            "target": np.array([encode_mask(np.ones((2, 2), np.uint8)),
+                                                encode_mask(np.full((2, 2), 7, np.uint8))],
+                                               object)}, "target", 4)
+
+
 def test_a_small_fit_learns_the_demo_masks():
     """Eight demo scenes and their true masks, 80 px, resnet_mini DeepLabV3+ from
     scratch, 60 Adam steps with the training augmentation: training-set mIoU over the 7
@@ -116,3 +141,59 @@ def test_a_small_fit_learns_the_demo_masks():
     torch.set_num_threads(threads)
     print(f"small fit: training mIoU {miou:.3f} in {time.time() - t0:.1f}s")
     assert miou > 0.5
+
+
+def test_median_frequency_weights_reach_the_fit_from_its_targets(ray_local, tmp_path):
+    """segmenter.class_weights: median_frequency on 8 train images: the weights the fit
+    learns with (returned in its state) are those of its targets, counted here with
+    numpy: the pseudo masks, and the ground truth of the pixel-labelled image."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ray_wsss.config import load_config
+    from ray_wsss.data.dataset import DatasetInfo, DatasetWriter
+    from ray_wsss.train.fit import run_fit
+    from ray_wsss.train.segmenter import make_trainer
+
+    rng = np.random.default_rng(0)
+    dataset, masks = str(tmp_path / "dataset"), str(tmp_path / "crf")
+    os.makedirs(masks)
+    pseudo, truth = {}, {}
+    with DatasetWriter(dataset, DatasetInfo(("a", "b", "c"))) as w:
+        for i in range(8):
+            image_id = f"t{i}"
+            # label 3 (c) is rare: a 4x4 square in every other image
+            p = np.where(rng.random((24, 24)) < 0.7, 1, 2).astype(np.uint8)
+            if i % 2:
+                p[:4, :4] = 3
+            p[20:, :] = 255
+            pseudo[image_id], truth[image_id] = p, np.full((24, 24), 2, np.uint8)
+            w.add({"image_id": image_id, "split": "train",
+                   "image": encode_image(rng.integers(0, 255, (24, 24, 3), np.uint8)),
+                   "height": 24, "width": 24, "labels": [1, 2, 3],
+                   "mask": encode_mask(truth[image_id])})
+        w.commit()
+    pq.write_table(pa.table({"image_id": list(pseudo),
+                             "pseudo_mask": [encode_mask(m) for m in pseudo.values()]}),
+                   os.path.join(masks, "part-0.parquet"))
+    config = load_config(None, ["segmenter.class_weights=median_frequency",
+                                "segmenter.num_workers=0", "segmenter.epochs=1",
+                                "segmenter.batch_size=4", "segmenter.crop_size=16",
+                                "segmenter.aspp_channels=8", "segmenter.decoder_channels=8",
+                                "segmenter.val_split=null", "segmenter.init=scratch",
+                                "segmenter.torch_threads=1"])
+    trainer = make_trainer(config, dataset, masks, None, None, "weights", str(tmp_path / "rt"),
+                           labelled=["t0"])
+    state = run_fit(trainer, "segmenter")
+    targets = [truth["t0"]] + [pseudo[k] for k in pseudo if k != "t0"]
+    pixels = np.zeros(4)
+    present = np.zeros(4)
+    for t in targets:
+        valid = t[t != 255]
+        for label in np.unique(valid):
+            pixels[label] += (valid == label).sum()
+            present[label] += valid.size
+    freq = pixels[1:] / present[1:]
+    expected = [0.0, *(np.median(freq) / freq)]
+    assert state["class_weights"] == pytest.approx(expected)
+    assert state["class_weights"][3] > 3 * state["class_weights"][1]   # the rare class

@@ -302,3 +302,32 @@ def test_the_labelled_set_is_in_the_hash_and_weak_runs_keep_theirs(tmp_path):
                   "pct.num_workers=2")["pct"] != pct["pct"]
     assert hashes("semi.labelled_count=5", "segmenter.mode=pct", "pct.num_workers=2",
                   "pct.num_actors=1")["pct"] == pct["pct"]
+
+
+def test_class_weights_weigh_each_pixel_by_its_target_in_both_cce_means():
+    """With every label allowed, CCE with class weights is F.cross_entropy(weight=...);
+    with image weights too, each image's mean is its weighted mean over its pixels."""
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 3, 4, 4, generator=g)
+    target = torch.randint(0, 3, (2, 4, 4), generator=g)
+    target[0, 1] = 255
+    allowed = torch.ones(2, 3, dtype=torch.bool)
+    cw = torch.tensor([0.5, 2.0, 1.0])
+    assert class_aware_cross_entropy(logits, target, allowed, class_weights=cw).item() == \
+        pytest.approx(F.cross_entropy(logits, target, weight=cw, ignore_index=255).item(),
+                      rel=1e-6)
+    iw = torch.tensor([1.0, 0.5])
+    by_hand = []
+    for i in range(2):
+        logp = torch.log_softmax(logits[i], 0)
+        num = den = 0.0
+        for y in range(4):
+            for x in range(4):
+                t = int(target[i, y, x])
+                if t != 255:
+                    num += -float(cw[t] * logp[t, y, x])
+                    den += float(cw[t])
+        by_hand.append(num / den)
+    expected = (1.0 * by_hand[0] + 0.5 * by_hand[1]) / 2
+    assert class_aware_cross_entropy(logits, target, allowed, iw, cw).item() == \
+        pytest.approx(expected, rel=1e-5)
