@@ -1,6 +1,10 @@
-"""Semi-weak mode: val mIoU against the number of pixel-labelled images on the demo.
+"""Semi-weak mode: val mIoU against the number of pixel-labelled images.
 
-    python bench/bench_semi.py [--labelled 0,5,10,25,50] [--smoke]
+    python bench/bench_semi.py [--config configs/demo.yaml] [--labelled 0,5,10,25,50]
+        [--modes labelled,weak,cce,pct] [--root DIR] [--smoke] [key.sub=value ...]
+
+On the demo by default; `--config configs/camvid_tiles.yaml` gives the CamVid rows (N
+pixel-labelled train tiles; `--root` on a copy of a finished run reuses its steps).
 
 One run directory holds the weak pipeline's steps (dataset, classifier, CAMs, CRF masks),
 computed once; every row then fits the segmentation model (and, for `pct`, the hybrid
@@ -35,6 +39,7 @@ import pyarrow.parquet as pq
 from common import DEMO_YAML, start_ray
 
 ap = argparse.ArgumentParser()
+ap.add_argument("--config", default=DEMO_YAML, help="pipeline config (default: the demo)")
 ap.add_argument("--labelled", default="0,5,10,25,50")
 ap.add_argument("--modes", default="labelled,weak,cce,pct")
 ap.add_argument("--root", default=None, help="run directory (default: a new temp dir)")
@@ -141,25 +146,29 @@ def main() -> None:
     modes = args.modes.split(",")
     start_ray()
     from ray_wsss.config import load_config
-    num_train = load_config(DEMO_YAML, base).data.demo.num_train
+    from ray_wsss.data.dataset import dataset_counts
+    from ray_wsss.pipeline import run_pipeline
+
+    config_path = args.config
     table: dict[str, dict[int, tuple[float, float] | None]] = {m: {} for m in modes}
     # the weak pipeline's steps (dataset, classifier, CAMs, CRF masks) once, before any row
-    from ray_wsss.pipeline import run_pipeline
-    run_pipeline(load_config(DEMO_YAML, base), stages=["dataset", "classifier", "cams", "crf"])
+    config = load_config(config_path, base)
+    run = run_pipeline(config, stages=["dataset", "classifier", "cams", "crf"])
+    num_train = dataset_counts(run.dataset_path)[config.segmenter.train_split]
     for n in counts:
         semi = [f"semi.labelled_count={n}"]
         for mode in modes:
             if n == 0 and mode in ("labelled", "pct"):
                 table[mode][n] = None          # nothing to learn from / no strong half
             elif mode == "labelled":
-                table[mode][n] = labelled_only(DEMO_YAML, base, n, root)
+                table[mode][n] = labelled_only(config_path, base, n, root)
             else:
-                table[mode][n] = run_row(DEMO_YAML, base, semi + [f"segmenter.mode={mode}"])
+                table[mode][n] = run_row(config_path, base, semi + [f"segmenter.mode={mode}"])
             print(f"[bench_semi] {mode} N={n}: {table[mode][n]}", flush=True)
-    full = run_row(DEMO_YAML, base, [f"semi.labelled_count={num_train}",
-                                     "segmenter.mode=weak"])
-    print(f"\nval mIoU (%) / wall s, demo ({num_train} train images), "
-          f"{'smoke settings' if args.smoke else 'configs/demo.yaml'}")
+    full = run_row(config_path, base, [f"semi.labelled_count={num_train}",
+                                       "segmenter.mode=weak"])
+    print(f"\nval mIoU (%) / wall s, {os.path.basename(config_path)} ({num_train} train "
+          f"images){', smoke settings' if args.smoke else ''}")
     print(f"{'pixel-labelled images':24s}" + "".join(f"{n:>16d}" for n in counts))
     names = {"labelled": "labelled only", "weak": "weak", "cce": "cce", "pct": "pct"}
     for mode in modes:

@@ -43,6 +43,9 @@ TINY_OVERRIDES = [*LOCAL_FITS,
     # the faithfulness metrics of explain at a few points (their own tests cover them)
     "explain.road_percentiles=[50]", "explain.curve_steps=4",
     "report.num_images=4", "ray.progress_bars=false",
+    # the tests that kill `ray-wsss run` / `sweep` start a local Ray in a subprocess,
+    # twice each: without its dashboard (the session's Ray keeps one for Tune)
+    "ray.include_dashboard=false",
 ]
 
 
