@@ -30,10 +30,12 @@ class ActorResources:
         return cls(section.num_actors, section.cpus_per_actor, section.gpus_per_actor, where)
 
 
-def actor_count(res: ActorResources) -> int:
+def actor_count(res: ActorResources, batches: int | None = None) -> int:
     """`num_actors`, or by default one actor per GPU, or all CPUs but one: Ray Data's
     read and write tasks need a CPU of their own, and an actor pool that holds every CPU
-    starves them (the stage would hang)."""
+    starves them (the stage would hang). Never more than `batches` (when known): an
+    actor without a batch only costs its start (a process, torch, the model: 2-3 s of
+    a CPU each)."""
     import ray
 
     resources = ray.cluster_resources()
@@ -46,15 +48,19 @@ def actor_count(res: ActorResources) -> int:
         raise ConfigError(f"{res.where}: {n} actor(s) x {res.cpus_per_actor} CPU would hold "
                           f"all {cpus} CPUs of the cluster and starve Ray Data's read tasks; "
                           f"lower {res.where}.num_actors or {res.where}.cpus_per_actor")
-    return n
+    return n if batches is None else max(1, min(n, batches))
 
 
-def map_with_model(ds, fn: type, kwargs: dict, res: ActorResources, batch_size: int):
-    """`ds.map_batches(fn, ...)` on a pool of `actor_count(res)` actors, numpy batches."""
+def map_with_model(ds, fn: type, kwargs: dict, res: ActorResources, batch_size: int,
+                   rows: int | None = None):
+    """`ds.map_batches(fn, ...)` on a pool of `actor_count(res)` actors, numpy batches;
+    `rows` (at most that many rows in `ds`, when known) caps the pool at one actor per
+    batch."""
     import ray.data
 
+    batches = None if rows is None else -(-rows // max(1, batch_size))
     return ds.map_batches(
         fn, fn_constructor_kwargs=kwargs,
-        compute=ray.data.ActorPoolStrategy(size=actor_count(res)),
+        compute=ray.data.ActorPoolStrategy(size=actor_count(res, batches)),
         batch_size=batch_size, batch_format="numpy",
         num_cpus=res.cpus_per_actor, num_gpus=res.gpus_per_actor or None)

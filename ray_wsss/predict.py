@@ -152,7 +152,7 @@ def frame_rows(ds, splits: Sequence[str]):
 
 def prediction_dataset(config, dataset_path: str, model_dir: str, splits=None):
     """The (lazy) Ray Dataset of prediction rows for `splits` (default predict.splits)."""
-    from .data.dataset import TILE_COLUMNS, read_tiling
+    from .data.dataset import TILE_COLUMNS, read_tiling, split_rows
     from .runtime import gpus_usable
 
     cfg = config.predict
@@ -178,7 +178,8 @@ def prediction_dataset(config, dataset_path: str, model_dir: str, splits=None):
             compute=ray.data.ActorPoolStrategy(size=actor_count(res)),
             num_cpus=res.cpus_per_actor, num_gpus=res.gpus_per_actor or None)
     ds = open_dataset(dataset_path, columns, splits, rows_per_block=cfg.batch_size)
-    return map_with_model(ds, SegmentPredictor, kwargs, res, cfg.batch_size)
+    return map_with_model(ds, SegmentPredictor, kwargs, res, cfg.batch_size,
+                          rows=split_rows(dataset_path, splits))
 
 
 def score(config, info, predictions: str, splits: Sequence[str]) -> dict:

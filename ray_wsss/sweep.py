@@ -473,7 +473,7 @@ def _cache_scales(spec: SweepSpec, config: PipelineConfig) -> tuple[list[float],
 def build_cache(config: PipelineConfig, run: Run, path: str, scales, flip) -> None:
     from .actors import ActorResources, map_with_model
     from .cams.stage import method_options
-    from .data.dataset import open_dataset
+    from .data.dataset import open_dataset, split_rows
 
     cfg = config.cams
     ds = open_dataset(run.dataset_path, ["image_id", "image", "mask", "label_vector"],
@@ -484,7 +484,8 @@ def build_cache(config: PipelineConfig, run: Run, path: str, scales, flip) -> No
             "model_dir": run.step_path("classifier"), "method": cfg.method, "scales": scales,
             "flip": flip, "threads": cfg.torch_threads or cfg.cpus_per_actor,
             "options": method_options(cfg), "max_side": cfg.max_image_side},
-        ActorResources(cfg.num_actors, cfg.cpus_per_actor, 0.0, "cams"), cfg.batch_size)
+        ActorResources(cfg.num_actors, cfg.cpus_per_actor, 0.0, "cams"), cfg.batch_size,
+        rows=split_rows(run.dataset_path, config.evaluate.splits))
     tmp = storage.temp_sibling(path)
     write_parquet(out, tmp, config.ray)
     storage.publish(tmp, path)

@@ -13,6 +13,10 @@ import pytest
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# the session's local Ray as `ray-wsss run` starts one (runtime.local_environment): one
+# Parquet footer-reading actor per read, not Ray Data's 32 (each read starts and kills
+# its pool: 2.8 s a read of 20 files with 32, 0.9 s with 1)
+os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
 # Ray Train's controller polls its workers every 2 s by default: each fit's start, end
 # and restart after a kill waits for a poll. The suite runs about 15 fits with workers.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
@@ -39,6 +43,8 @@ TINY_OVERRIDES = [*LOCAL_FITS,
     "cams.scales=[1.0,0.5]", "cams.torch_threads=2", "cams.batch_size=16",
     "cams.num_actors=1",
     "segmenter.epochs=3", "segmenter.torch_threads=2", "predict.torch_threads=2",
+    # one actor per model stage: each more costs its start (2-3 s of CPU) on 2 cores
+    "predict.num_actors=1",
     "predict.splits=[val]",
     # the faithfulness metrics of explain at a few points (their own tests cover them)
     "explain.road_percentiles=[50]", "explain.curve_steps=4",

@@ -47,7 +47,7 @@ def ray_cluster():
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # --block: ray stops this cluster's processes
         try:
-            proc.wait(10)
+            proc.wait(2)
         except subprocess.TimeoutExpired:
             # its graceful stop takes half a minute; nothing of this throwaway cluster
             # needs saving: kill the group, then anything still naming its temp dir

@@ -27,6 +27,7 @@ MICRO = ["data.demo.num_train=48", "data.demo.num_val=16", "data.demo.image_size
          "crf.iterations=3", "segmenter.epochs=1", "segmenter.batch_size=8",
          "segmenter.crop_size=96", "segmenter.aspp_channels=32",
          "segmenter.decoder_channels=32", "segmenter.torch_threads=2", "predict.flip=false",
+         "predict.num_actors=1",
          "predict.torch_threads=2", "loop.torch_threads=2", "loop.batch_size=16",
          "report.num_images=2", "ray.progress_bars=false", "ray.include_dashboard=false",
          *LOCAL_FITS]

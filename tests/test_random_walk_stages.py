@@ -109,15 +109,17 @@ def test_the_random_walk_stages_on_the_tiny_run(copy_run, capsys):
     assert (called > 0).all() and right[0] / called[0] > 0.65 and right[1] / called[1] > 0.9, \
         right / called
 
-    # the fit lowered each loss term and exported a loadable network
+    # the fit lowered its loss and the negative pairs' term, and exported a loadable network
     history = run.read_metrics()["affinity"]["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3]
-    for term in ("fg_pos", "neg", "loss"):
+    for term in ("neg", "loss"):
         assert history[-1][term] < history[0][term], (term, history)
-    # background pairs start easy (an untrained boundary map is low everywhere, so their
-    # affinity is high) and pay for the walls the negative pairs ask for: in 60 steps
-    # this term went 0.39 -> 0.44 in one run and down in others (Ray Data's order)
-    assert history[-1]["bg_pos"] < history[0]["bg_pos"] + 0.15, history
+    # the positive pairs start easy (an untrained boundary map is low everywhere, so
+    # their affinity is high) and pay for the walls the negative pairs ask for: in 60
+    # steps bg_pos went 0.39 -> 0.44 in one run, fg_pos 0.98 -> 1.01 in another, and
+    # both down in others (Ray Data's order; the tiny run's CAMs vary from fit to fit)
+    for term in ("fg_pos", "bg_pos"):
+        assert history[-1][term] < history[0][term] + 0.15, (term, history)
     spec = json.load(open(run.path("affinity", "model.json")))
     assert spec["kind"] == "affinity" and spec["epochs"] == 3
 

@@ -30,7 +30,10 @@ def test_output_file_mb_sets_the_size_of_the_files_a_stage_writes(ray_local, tmp
 def test_a_local_instance_caps_the_footer_reader_pool(monkeypatch):
     monkeypatch.delenv("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", raising=False)
     local_environment(RayConfig(num_cpus=3))
-    assert os.environ["RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"] == "3"
+    assert os.environ["RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"] == "1"
+    monkeypatch.delenv("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS")
+    local_environment(RayConfig(num_cpus=3, local_footer_readers=4))
+    assert os.environ["RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"] == "4"
     monkeypatch.setenv("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "7")  # the user's own wins
     local_environment(RayConfig(num_cpus=3, local_footer_readers=1))
     assert os.environ["RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"] == "7"
@@ -121,6 +124,35 @@ def test_train_workers_that_take_every_cpu_are_refused(ray_local):
         check_train_resources(4, 1, False, "classifier")
     with pytest.raises(ConfigError, match=r"2 worker\(s\) x 2 CPU = 4 CPUs"):
         check_train_resources(2, 2, False, "segmenter")
+
+
+def test_an_actor_pool_has_no_more_actors_than_batches(ray_local):
+    """The local Ray has 4 CPUs: 3 actors by default, but a 2-batch input gets 2 (an
+    actor without a batch only costs its start), and a pool too large is still refused
+    however small the input."""
+    import pytest
+
+    from ray_wsss.actors import ActorResources, actor_count
+    from ray_wsss.errors import ConfigError
+
+    assert actor_count(ActorResources()) == 3
+    assert actor_count(ActorResources(), batches=2) == 2
+    assert actor_count(ActorResources(), batches=0) == 1
+    assert actor_count(ActorResources(num_actors=2), batches=40) == 2
+    assert actor_count(ActorResources(num_actors=2), batches=1) == 1
+    with pytest.raises(ConfigError, match="4 actor"):
+        actor_count(ActorResources(num_actors=4), batches=1)
+
+
+def test_split_rows_counts_the_rows_of_the_named_splits(tmp_path):
+    from ray_wsss.data.dataset import dataset_counts, split_rows
+    from ray_wsss.data.demo import generate
+
+    path = str(tmp_path / "ds")
+    generate(path, num_train=7, num_val=3, image_size=64)
+    assert dataset_counts(path) == {"train": 7, "val": 3}
+    assert split_rows(path, ["train", "val"]) == 10
+    assert split_rows(path, ["val", "val"]) == 3 and split_rows(path, ["test"]) == 0
 
 
 def test_train_resources_of_a_given_cluster():

@@ -172,7 +172,7 @@ def run_explain(config: PipelineConfig, run: Run, methods: list[str],
             "options": method_options(cfg), "max_side": cfg.max_image_side,
             "faithfulness": faithfulness, "box_threshold": box_threshold,
             "prior_channels": prior_channels},
-        ActorResources.of(cfg, "cams"), ecfg.batch_size)
+        ActorResources.of(cfg, "cams"), ecfg.batch_size, rows=len(explained))
     sums = conf = seconds = faith = boxes = None
     images, samples = 0, []
     for b in out.iter_batches(batch_size=None, batch_format="numpy"):

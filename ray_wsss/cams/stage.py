@@ -16,7 +16,8 @@ import numpy as np
 from .. import storage
 from ..actors import ActorResources, map_with_model
 from ..data.codecs import decode_image, encode_array
-from ..data.dataset import label_matrix, open_dataset, read_table, vector_to_labels
+from ..data.dataset import (label_matrix, open_dataset, read_table, split_rows,
+                            vector_to_labels)
 from ..errors import ConfigError
 from ..runtime import write_parquet
 
@@ -98,8 +99,8 @@ def cam_dataset(config, dataset_path: str, model_dir: str, splits=None,
     # fail before the actors start when GPUs are asked for and none is usable
     use_gpu = gpus_usable(cfg.gpus_per_actor > 0, config.ray.allow_cpu_fallback,
                           "cams.gpus_per_actor", probe_gpus=cfg.gpus_per_actor)
-    ds = open_dataset(dataset_path, list(PASSTHROUGH), splits or list(cfg.splits),
-                      rows_per_block=cfg.batch_size)
+    splits = list(splits or cfg.splits)
+    ds = open_dataset(dataset_path, list(PASSTHROUGH), splits, rows_per_block=cfg.batch_size)
     channels = 0
     if prior is not None:
         from ..data.join import with_columns
@@ -115,7 +116,8 @@ def cam_dataset(config, dataset_path: str, model_dir: str, splits=None,
          "max_side": cfg.max_image_side, "mcis": mcis_bank(config, dataset_path),
          "allow_cpu_fallback": config.ray.allow_cpu_fallback, "prior_channels": channels},
         ActorResources.of(cfg, "cams") if use_gpu or cfg.gpus_per_actor == 0 else
-        ActorResources(cfg.num_actors or 1, cfg.cpus_per_actor, 0.0, "cams"), cfg.batch_size)
+        ActorResources(cfg.num_actors or 1, cfg.cpus_per_actor, 0.0, "cams"), cfg.batch_size,
+        rows=split_rows(dataset_path, splits))
 
 
 def run(config, ctx) -> dict:

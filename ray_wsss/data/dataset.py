@@ -407,3 +407,9 @@ def dataset_counts(path: str) -> dict[str, int]:
                                    return_counts=True)):
             counts[str(s)] = counts.get(str(s), 0) + int(n)
     return counts
+
+
+def split_rows(path: str, splits: Sequence[str]) -> int:
+    """How many rows `splits` hold together (Parquet's split column only)."""
+    counts = dataset_counts(path)
+    return sum(counts.get(s, 0) for s in set(splits))

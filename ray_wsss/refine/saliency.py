@@ -24,7 +24,7 @@ import numpy as np
 from ..actors import ActorResources, map_with_model
 from ..config import CrfConfig, SaliencyConfig
 from ..data.codecs import decode_image, decode_mask, encode_mask, scaled_size
-from ..data.dataset import dataset_counts, open_dataset
+from ..data.dataset import dataset_counts, open_dataset, split_rows
 from ..errors import DataError
 from ..runtime import write_parquet
 from .crf import crf_from_labels
@@ -152,7 +152,7 @@ def saliency_dataset(config, dataset_path: str, model_dir: str):
         ds, SaliencyPredictor,
         {"model_dir": model_dir, "cfg": cfg, "threads": cfg.torch_threads or cfg.cpus_per_actor,
          "use_gpu": use_gpu, "allow_cpu_fallback": config.ray.allow_cpu_fallback},
-        res, cfg.batch_size)
+        res, cfg.batch_size, rows=split_rows(dataset_path, cfg.splits))
 
 
 def score(folder: str, batch_size: int = 16) -> dict:

@@ -35,7 +35,8 @@ import numpy as np
 from ..actors import ActorResources, map_with_model
 from ..config import CrfConfig, RandomWalkConfig
 from ..data.codecs import decode_array, decode_image, encode_mask, scaled_size
-from ..data.dataset import dataset_counts, label_matrix, open_dataset, vector_to_labels
+from ..data.dataset import (dataset_counts, label_matrix, open_dataset, split_rows,
+                            vector_to_labels)
 from ..runtime import write_parquet
 
 STRIDE = 4  # the boundary map's
@@ -216,7 +217,7 @@ def walk_dataset(config, dataset_path: str, model_dir: str, cams_dir: str, backg
         {"model_dir": model_dir, "cams_dir": cams_dir, "cfg": cfg, "background": background,
          "threads": cfg.torch_threads or cfg.cpus_per_actor, "use_gpu": use_gpu,
          "allow_cpu_fallback": config.ray.allow_cpu_fallback},
-        res, cfg.batch_size)
+        res, cfg.batch_size, rows=split_rows(dataset_path, config.cams.splits))
 
 
 def score(info, folder: str, batch_size: int = 16) -> dict:

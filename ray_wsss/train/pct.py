@@ -43,7 +43,8 @@ import numpy as np
 from .. import storage
 from ..config import PctConfig
 from ..data.codecs import decode_image, encode_mask
-from ..data.dataset import dataset_counts, label_matrix, open_dataset, read_info, read_table
+from ..data.dataset import (dataset_counts, label_matrix, open_dataset, read_info, read_table,
+                            split_rows)
 from ..data.labelled import labelled_ids, write_labelled
 from ..data.transforms import SegEvalTransform, SegTrainTransform
 from ..errors import StageError
@@ -306,7 +307,8 @@ def write_masks(config, dataset_path: str, model_dir: str, out: str, background:
         "model_dir": model_dir, "background": background, "scales": cfg.scales,
         "flip": cfg.flip, "threads": cfg.torch_threads or cfg.cpus_per_actor,
         "use_gpu": use_gpu, "max_side": cfg.max_image_side,
-        "allow_cpu_fallback": config.ray.allow_cpu_fallback}, res, cfg.predict_batch_size)
+        "allow_cpu_fallback": config.ray.allow_cpu_fallback}, res, cfg.predict_batch_size,
+        rows=split_rows(dataset_path, [config.segmenter.train_split]))
     write_parquet(ds, out, config.ray)
 
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..actors import ActorResources, map_with_model
 from ..data.codecs import decode_image, encode_array
-from ..data.dataset import label_matrix, open_dataset, vector_to_labels
+from ..data.dataset import label_matrix, open_dataset, split_rows, vector_to_labels
 from ..data.join import with_columns
 from ..runtime import write_parquet
 
@@ -140,7 +140,7 @@ def run(config, ctx) -> dict:
          "max_side": pcfg.max_image_side, "alpha": cfg.alpha,
          "num_classes": info.num_classes, "per_class": cfg.prior == "per_class",
          "allow_cpu_fallback": config.ray.allow_cpu_fallback},
-        res, cfg.batch_size)
+        res, cfg.batch_size, rows=split_rows(ctx.dataset_path, splits))
     with ctx.output() as out:
         write_parquet(out_ds, out, config.ray)
     return {"channels": info.num_classes if cfg.prior == "per_class" else 1}
