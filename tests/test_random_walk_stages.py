@@ -85,9 +85,10 @@ def test_the_random_walk_stages_on_the_tiny_run(copy_run, capsys):
     # affinity labels: one per train image, classes of the image, 0 and 255 only, and
     # the confident ones mostly right. Over all train images of two 224-image tiny runs
     # (four C²AM fits) the class labels were right on 0.82-0.89 of their pixels (0.76 on
-    # the first 40 images of a fifth fit: too few images for a floor), nearly all errors on background pixels the
-    # wide saliency spills onto (labelled with a class: on an object 0.85); the same
-    # labels with the classes cycled score 0.003. Background labels: 0.9996-0.9998.
+    # the first 40 images of a fifth fit: too few images for a floor), nearly all errors
+    # on background pixels the wide saliency spills onto (labelled with a class: on an
+    # object 0.85); the same labels with the classes cycled score 0.003. Background
+    # labels: 0.9996-0.9998.
     labels = read_table(run.path("affinity_labels"), ["image_id", "affinity_label"])
     assert labels.num_rows == counts["train"]
     assert len(set(labels.column("image_id").to_pylist())) == counts["train"]
