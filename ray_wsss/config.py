@@ -316,12 +316,15 @@ class SemiConfig:
     learned); every other train image contributes its tags only, even where the dataset
     holds its mask. `labelled_file`: a text file of image ids, one per line (`#` starts
     a comment); or `labelled_count` ids drawn with `seed` from the sorted ids of the
-    segmenter's train split that have a mask. Neither: no image is pixel-labelled.
+    segmenter's train split that have a mask, `draw: stratified` (default: every class
+    covered first, rarest first, then uniform) or `uniform`. Neither: no image is
+    pixel-labelled.
     Images of any other split are refused. Part of the hash of the steps that read it
     (the file by its content)."""
     labelled_file: str | None = None
     labelled_count: int = 0
     seed: int = 0
+    draw: str = "stratified"
 
 
 @dataclass(frozen=True)

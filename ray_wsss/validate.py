@@ -224,6 +224,7 @@ RULES: dict[str, Rule] = {
     "segmenter.unsure_band": ordered_pair(between(0, 1)),
     # semi-weak mode
     "semi.labelled_count": at_least(0),
+    "semi.draw": one_of(("stratified", "uniform")),
     **_fit_rules("pct"),
     "pct.batch_size": at_least(2),           # half pixel-labelled, half tagged
     "pct.tag_weight": at_least(0),

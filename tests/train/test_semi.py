@@ -256,6 +256,75 @@ def test_count_and_seed_draw_the_same_train_images_with_masks(small_dataset):
     assert labelled_ids(_semi_config(), small_dataset) == []
 
 
+def test_the_stratified_draw_covers_every_class_then_fills_uniformly():
+    """A rare class (held by one candidate of 40) is covered on every seed, where a
+    uniform draw of 5 would miss it 7 times in 8; with as many places as classes every
+    class is covered (each greedy pick covers at least one new class); the rest of the
+    draw is spread over the other candidates; the classes left out are reported."""
+    from ray_wsss.data.labelled import stratified_draw
+
+    classes = [(1,)] * 20 + [(2,)] * 12 + [(1, 3)] * 7 + [(4,)]      # class 4: index 39
+    filled = set()
+    for seed in range(30):
+        chosen, missing = stratified_draw(classes, 5, np.random.default_rng(seed))
+        assert len(chosen) == len(set(chosen)) == 5 and missing == []
+        assert 39 in chosen and {1, 2, 3, 4} <= set().union(*(classes[i] for i in chosen))
+        again, _ = stratified_draw(classes, 5, np.random.default_rng(seed))
+        assert again == chosen
+        filled.update(chosen)
+    assert len(filled) > 20          # the fill is not always the same few candidates
+    # too few places: the rarest classes first, the rest reported
+    chosen, missing = stratified_draw(classes, 2, np.random.default_rng(0))
+    assert classes[chosen[0]] == (4,) and classes[chosen[1]] == (1, 3) and missing == [2]
+    rng = np.random.default_rng(1)
+    for _ in range(50):              # random instances: K places always cover K classes
+        k = int(rng.integers(2, 7))
+        cands = [tuple(sorted(set(rng.integers(1, k + 1, int(rng.integers(1, 3))).tolist())))
+                 for _ in range(int(rng.integers(k, 15)))]
+        present = set().union(*cands)
+        chosen, missing = stratified_draw(cands, len(present), rng)
+        assert missing == [] and set().union(*(cands[i] for i in chosen)) == present
+    assert stratified_draw(classes, 0, np.random.default_rng(0)) == ([], [1, 2, 3, 4])
+
+
+def test_the_labelled_draw_is_stratified_unless_asked_uniform(tmp_path, capsys):
+    """Through `labelled_ids`: the default draw covers a class only one train image holds,
+    `semi.draw=uniform` is the plain seeded draw, and a count too small for the classes
+    warns naming the classes left out."""
+    from ray_wsss.data.codecs import encode_image, encode_mask
+    from ray_wsss.data.dataset import DatasetInfo, DatasetWriter
+    from ray_wsss.data.labelled import labelled_ids
+
+    path = str(tmp_path / "dataset")
+    rng = np.random.default_rng(0)
+    with DatasetWriter(path, DatasetInfo(("a", "b", "c"))) as w:
+        for i in range(30):
+            cls = 3 if i == 17 else 1 + i % 2
+            mask = np.zeros((8, 8), np.uint8)
+            mask[2:6, 2:6] = cls
+            w.add({"image_id": f"t{i:02d}", "split": "train", "height": 8, "width": 8,
+                   "image": encode_image(rng.integers(0, 255, (8, 8, 3), np.uint8)),
+                   "labels": [cls], "mask": encode_mask(mask)})
+        w.commit()
+    uniform_hits = 0
+    for seed in range(6):
+        drawn = labelled_ids(_semi_config("semi.labelled_count=3", f"semi.seed={seed}"), path)
+        assert "t17" in drawn and len(drawn) == 3
+        uniform = labelled_ids(_semi_config("semi.labelled_count=3", f"semi.seed={seed}",
+                                            "semi.draw=uniform"), path)
+        expect = sorted(f"t{i:02d}" for i in
+                        np.random.default_rng(seed).choice(30, size=3, replace=False))
+        assert uniform == expect
+        uniform_hits += "t17" in uniform
+    assert uniform_hits < 6
+    capsys.readouterr()
+    assert len(labelled_ids(_semi_config("semi.labelled_count=1"), path)) == 1
+    err = capsys.readouterr().err
+    assert "semi.labelled_count=1" in err and "leaves out a, b (too few" in err
+    with pytest.raises(ConfigError, match="^semi.draw: 'random' is not one of"):
+        load_config(None, ["semi.draw=random"])
+
+
 def test_the_semi_keys_are_checked_at_load():
     with pytest.raises(ConfigError, match="segmenter.mode: 'pct' needs pixel-labelled"):
         load_config(None, ["segmenter.mode=pct"])
