@@ -9,9 +9,10 @@ the dataset's files list them in. The draw is stratified by default (`semi.draw`
 first covers every class the candidates hold, rarest class first, so that 10 labelled
 images of a 6-class dataset are not left without one of the classes (a uniform draw of
 10 demo images held no `ball`), and fills the remaining places uniformly; a count too
-small to cover every class is warned about, naming the classes left out. A validation or test image can never be among them:
-a list that names one is refused, as is an id the dataset lacks or an image without a
-mask. Every other train image contributes its tags only, even where its mask is stored.
+small to cover every class is warned about, naming the classes left out. A validation
+or test image can never be among them: a list that names one is refused, as is an id
+the dataset lacks or an image without a mask. Every other train image contributes its
+tags only, even where its mask is stored.
 """
 from __future__ import annotations
 
