@@ -32,6 +32,19 @@ VARIANTS = {
 }
 
 
+def variant_overrides(name: str, config_path: str, overrides: list[str]) -> list[str]:
+    """The variant's keys; self-training also needs the segmenter's train split among
+    predict.splits (configs/camvid_tiles.yaml predicts the val frames only)."""
+    extra = list(VARIANTS[name][1])
+    if name == "labels":
+        from ray_wsss.config import load_config
+        from ray_wsss.sweep import self_training
+
+        splits = self_training(load_config(config_path, overrides)).predict.splits
+        extra.append(f"predict.splits=[{','.join(splits)}]")
+    return extra
+
+
 def round_of(key: str) -> int:
     return int(key.split("@")[1]) if "@" in key else 1
 
@@ -73,7 +86,7 @@ def main() -> None:
     names = args.variants.split(",")
     first = args.from_run
     for name in names:
-        _, extra = VARIANTS[name]
+        extra = variant_overrides(name, args.config, args.overrides)
         root = os.path.join(args.root, name)
         if first is not None:
             copied = seed_round_one(first, root, args.config,

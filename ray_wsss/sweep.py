@@ -371,6 +371,18 @@ def seed_steps(base_root: str, root: str, config: PipelineConfig, rounds: int) -
     return len(done)
 
 
+def self_training(config):
+    """`config` made fit for `loop.feedback: labels`: each round's segmentation model
+    learns the previous round's CRF-refined predictions of its train split, so the
+    predictions are CRF-refined and made for that split too."""
+    from .config import replace
+
+    splits = list(config.predict.splits)
+    if config.segmenter.train_split not in splits:
+        splits.append(config.segmenter.train_split)
+    return replace(config, **{"predict.crf": True, "predict.splits": tuple(splits)})
+
+
 def iterations_trial(point: dict, ctx: dict) -> None:
     """The iterative loop in the trial's own run directory, one round at a time, each
     round a Tune report (training iteration = round): ASHA may stop a poor trial after
@@ -386,7 +398,7 @@ def iterations_trial(point: dict, ctx: dict) -> None:
     root = storage.join(ctx["sweep_dir"], "runs", trial)
     config = apply_point(ctx["config"], point, **{"run_dir": root, "report.num_images": 0})
     if config.loop.feedback == "labels":  # self-training learns from CRF-refined predictions
-        config = replace(config, **{"predict.crf": True})
+        config = self_training(config)
     seed_steps(ctx["run_root"], root, config, ctx["max_rounds"])
     best = (np.nan, 0)
     for t in range(1, ctx["max_rounds"] + 1):

@@ -377,6 +377,15 @@ def _self_training_needs_crf(config: PipelineConfig) -> "str | None":
     return None
 
 
+def _self_training_needs_train_predictions(config: PipelineConfig) -> "str | None":
+    loop, split = config.loop, config.segmenter.train_split
+    if loop.rounds > 1 and loop.feedback == "labels" and split not in config.predict.splits:
+        return (f"loop.feedback: labels fits each round's segmentation model on the previous "
+                f"round's predictions of its train split {split!r}, which predict.splits "
+                f"{list(config.predict.splits)} leaves out")
+    return None
+
+
 def _loop_prior_needs_train_cams(config: PipelineConfig) -> "str | None":
     loop = config.loop
     if loop.rounds > 1 and loop.feedback == "prior" and \
@@ -425,8 +434,8 @@ def _saliency_labels(config: PipelineConfig) -> "str | None":
 # Rules over several keys: each returns what is wrong (naming the keys), or None.
 CROSS_CHECKS: tuple[Callable[[PipelineConfig], "str | None"], ...] = (
     _random_walk_masks, _random_walk_train_cams, _self_training_needs_crf,
-    _loop_prior_needs_train_cams, _one_labelled_source, _pct_needs_labelled_images,
-    _saliency_labels)
+    _self_training_needs_train_predictions, _loop_prior_needs_train_cams,
+    _one_labelled_source, _pct_needs_labelled_images, _saliency_labels)
 
 
 def numeric_keys(cls: type = PipelineConfig, prefix: str = "") -> list[str]:

@@ -197,3 +197,21 @@ def test_affinity_labels_depend_on_their_own_keys_only(tmp_path):
     assert label.current_hash("affinity") != base.current_hash("affinity")
     assert [resource.current_hash(k) for k in ("affinity_labels", "affinity")] == \
         [base.current_hash(k) for k in ("affinity_labels", "affinity")]
+
+
+def test_self_training_rounds_refit_the_model_on_the_last_predictions_only(tmp_path):
+    """loop.feedback: labels: round 2 makes no classifier, CAMs or CRF masks; its
+    segmentation model reads round 1's predictions (CRF-refined) and starts from round
+    1's classifier, and its predictions read it."""
+    config = load_config(os.path.join(REPO, "configs", "demo.yaml"),
+                         [f"run_dir={tmp_path}", "loop.rounds=3", "loop.feedback=labels",
+                          "predict.crf=true"])
+    keys = [s.key for s in steps(config.loop)]
+    assert [k for k in keys if k.endswith("@2")] == ["segmenter@2", "predict@2"]
+    assert [k for k in keys if k.endswith("@3")] == ["segmenter@3", "predict@3"]
+    assert Step("segmenter", 3).inputs(config.loop) == [Step("classifier", 1),
+                                                        Step("predict", 2)]
+    assert Step("predict", 3).input("segmenter", config.loop) == Step("segmenter", 3)
+    # the output of the run is the last round's model
+    assert graph.last_round("segmenter", config.loop) == 3
+    assert graph.last_round("crf", config.loop) == 1

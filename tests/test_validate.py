@@ -143,3 +143,30 @@ def test_the_random_walk_keys_are_checked_at_load(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(DEMO, [*extra, override])
     assert str(err.value).startswith(f"{DEMO}: {message}")
+
+
+def test_self_training_needs_the_train_split_predicted_at_load():
+    """loop.feedback: labels fits round t's model on round t-1's predictions of the
+    segmenter's train split: a config that predicts only the val frames (as
+    configs/camvid_tiles.yaml does) failed in round 2, after a whole round of work."""
+    from ray_wsss.config import replace
+    from ray_wsss.sweep import self_training
+
+    loop = ["loop.rounds=2", "loop.feedback=labels", "predict.crf=true"]
+    with pytest.raises(ConfigError) as err:
+        load_config(DEMO, [*loop, "predict.splits=[val]"])
+    assert str(err.value) == (
+        f"{DEMO}: loop.feedback: labels fits each round's segmentation model on the previous "
+        "round's predictions of its train split 'train', which predict.splits ['val'] "
+        "leaves out")
+    assert load_config(DEMO, [*loop, "predict.splits=[val,train]"]).predict.splits == \
+        ("val", "train")
+    load_config(DEMO, ["predict.splits=[val]"])                     # one round: no need
+    load_config(DEMO, ["loop.rounds=2", "predict.splits=[val]"])    # the prior: no need
+    # the iterations sweep and bench_loop make a config fit for self-training
+    tiles = load_config(os.path.join(REPO, "configs", "camvid_tiles.yaml"), ["data.path=/x"])
+    assert tiles.predict.splits == ("val",) and not tiles.predict.crf
+    fixed = self_training(tiles)
+    assert fixed.predict.splits == ("val", "train") and fixed.predict.crf
+    validate(replace(fixed, **{"loop.rounds": 2, "loop.feedback": "labels"}))
+    assert self_training(fixed).predict.splits == ("val", "train")  # idempotent
