@@ -208,6 +208,12 @@ class CamConfig:
     grad_chunk: int = added(8)           # classes per batched backward (bounds memory)
     # larger images are shrunk for the network (maps are resized back to the image)
     max_image_side: int | None = 1024
+    # the classifier evaluated densely at this output stride: 8 gives a stride-16
+    # classifier's maps at twice the resolution with the same weights (its last strided
+    # convolution turned into a dilation, DeepLab's conversion of a classifier: the same
+    # function on a grid twice as fine, not a bigger image); null: the stride it was
+    # trained at (model.output_stride)
+    output_stride: int | None = added(None)
     # MCIS co-segmentation (needs a classifier trained with regularizers.mcis): for each
     # class of an image, the co-attention maps with N peers holding it are averaged with
     # the image's own map. Peers come from a bank of `mcis_bank` train images per class.

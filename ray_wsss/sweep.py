@@ -450,11 +450,13 @@ TRIALS = {"refine": refine_trial, "walk": walk_trial, "classifier": classifier_t
 class _RawMaps:
     """Ray Data callable class: images with ground truth -> per-scale, per-flip maps."""
 
-    def __init__(self, model_dir, method, scales, flip, threads, options, max_side):
+    def __init__(self, model_dir, method, scales, flip, threads, options, max_side,
+                 output_stride=None):
         from .cams.methods import get_method
         from .cams.predict import MapMaker
 
-        self.maker = MapMaker(model_dir, scales, flip, threads, False, options, max_side)
+        self.maker = MapMaker(model_dir, scales, flip, threads, False, options, max_side,
+                              output_stride=output_stride)
         self.method = get_method(method)
 
     def __call__(self, batch: dict) -> dict:
@@ -495,7 +497,8 @@ def build_cache(config: PipelineConfig, run: Run, path: str, scales, flip) -> No
         ds, _RawMaps, {
             "model_dir": run.step_path("classifier"), "method": cfg.method, "scales": scales,
             "flip": flip, "threads": cfg.torch_threads or cfg.cpus_per_actor,
-            "options": method_options(cfg), "max_side": cfg.max_image_side},
+            "options": method_options(cfg), "max_side": cfg.max_image_side,
+            "output_stride": cfg.output_stride},
         ActorResources(cfg.num_actors, cfg.cpus_per_actor, 0.0, "cams"), cfg.batch_size,
         rows=split_rows(run.dataset_path, config.evaluate.splits))
     tmp = storage.temp_sibling(path)
@@ -540,7 +543,8 @@ def run_sweep(config: PipelineConfig, run: Run, spec: SweepSpec, force: bool = F
            "background": info.background, "max_rounds": spec.max_rounds}
     if spec.trainable == "refine":
         scales, flip = _cache_scales(spec, config)
-        cache = storage.join(sweep_dir, f"cam_cache-{spec.digest()}")
+        dense = f"-os{config.cams.output_stride}" if config.cams.output_stride else ""
+        cache = storage.join(sweep_dir, f"cam_cache-{spec.digest()}{dense}")
         if not storage.exists(cache):
             print(f"[ray-wsss] sweep {spec.name}: computing maps of the evaluation images "
                   f"for scales {scales}{' + flip' if flip else ''}", flush=True)

@@ -47,10 +47,12 @@ class Explainer:
                  background: bool, sample_ids, threads: int = 1, use_gpu: bool = False,
                  options: dict | None = None, max_side: int | None = None,
                  faithfulness: FaithfulnessOptions = FaithfulnessOptions(),
-                 box_threshold: float = 0.2, prior_channels: int = 0):
+                 box_threshold: float = 0.2, prior_channels: int = 0,
+                 output_stride: int | None = None):
         from .predict import MapMaker
 
-        self.maker = MapMaker(model_dir, scales, flip, threads, use_gpu, options, max_side)
+        self.maker = MapMaker(model_dir, scales, flip, threads, use_gpu, options, max_side,
+                              output_stride=output_stride)
         self.methods = list(methods)
         self.thresholds = list(thresholds)
         self.n_labels, self.background = n_labels, background
@@ -171,7 +173,7 @@ def run_explain(config: PipelineConfig, run: Run, methods: list[str],
             "threads": cfg.torch_threads or cfg.cpus_per_actor, "use_gpu": use_gpu,
             "options": method_options(cfg), "max_side": cfg.max_image_side,
             "faithfulness": faithfulness, "box_threshold": box_threshold,
-            "prior_channels": prior_channels},
+            "prior_channels": prior_channels, "output_stride": cfg.output_stride},
         ActorResources.of(cfg, "cams"), ecfg.batch_size, rows=len(explained))
     sums = conf = seconds = faith = boxes = None
     images, samples = 0, []
@@ -207,6 +209,7 @@ def run_explain(config: PipelineConfig, run: Run, methods: list[str],
     _write(run, rows, samples, {"images": images, "classifier": classifier,
                                 "splits": list(ecfg.splits),
                                 "scales": list(scales), "flip": flip,
+                                "output_stride": cfg.output_stride,
                                 "kur": config.head.kur,
                                 "road_percentiles": list(faithfulness.road_percentiles),
                                 "curve_steps": faithfulness.curve_steps,

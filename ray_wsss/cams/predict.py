@@ -21,8 +21,10 @@ class MapMaker:
     def __init__(self, model_dir: str, scales=(1.0,), flip: bool = False, threads: int = 1,
                  use_gpu: bool = False, options: dict | None = None,
                  max_side: int | None = None, mcis: dict | None = None,
-                 allow_cpu_fallback: bool = False, where: str = "cams.gpus_per_actor"):
-        """`mcis`: {"bank": {class: [ids]}, "peers": N, "seed": s} and either "images":
+                 allow_cpu_fallback: bool = False, where: str = "cams.gpus_per_actor",
+                 output_stride: int | None = None):
+        """`output_stride`: the classifier evaluated densely at this stride (None: the
+        one it was trained at; `cams.output_stride`). `mcis`: {"bank": {class: [ids]}, "peers": N, "seed": s} and either "images":
         {id: encoded bytes} or "dataset": the dataset folder to read the bank's images
         from, turns on MCIS co-segmentation (cams/mcis.py) with N peers.
         `use_gpu` without a usable CUDA device is a ConfigError naming `where` (the key
@@ -34,7 +36,7 @@ class MapMaker:
 
         torch.set_num_threads(max(1, threads))
         self.device = torch_device(use_gpu, allow_cpu_fallback, where)
-        self.model = load_classifier(model_dir, self.device).eval()
+        self.model = load_classifier(model_dir, self.device, output_stride).eval()
         self.scales, self.flip = tuple(scales), flip
         self.options = MethodOptions(**(options or {}))
         self.max_side = max_side

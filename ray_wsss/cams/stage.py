@@ -30,12 +30,13 @@ class CamPredictor:
     def __init__(self, model_dir: str, method: str, scales, flip: bool, threads: int = 1,
                  use_gpu: bool = False, options: dict | None = None,
                  max_side: int | None = None, mcis: dict | None = None,
-                 allow_cpu_fallback: bool = False, prior_channels: int = 0):
+                 allow_cpu_fallback: bool = False, prior_channels: int = 0,
+                 output_stride: int | None = None):
         from .methods import get_method
         from .predict import MapMaker
 
         self.maker = MapMaker(model_dir, scales, flip, threads, use_gpu, options, max_side,
-                              mcis, allow_cpu_fallback)
+                              mcis, allow_cpu_fallback, output_stride=output_stride)
         self.method = get_method(method)
         self.prior_channels = prior_channels
 
@@ -114,7 +115,8 @@ def cam_dataset(config, dataset_path: str, model_dir: str, splits=None,
          "flip": cfg.flip, "threads": cfg.torch_threads or cfg.cpus_per_actor,
          "use_gpu": use_gpu, "options": method_options(cfg),
          "max_side": cfg.max_image_side, "mcis": mcis_bank(config, dataset_path),
-         "allow_cpu_fallback": config.ray.allow_cpu_fallback, "prior_channels": channels},
+         "allow_cpu_fallback": config.ray.allow_cpu_fallback, "prior_channels": channels,
+         "output_stride": cfg.output_stride},
         ActorResources.of(cfg, "cams") if use_gpu or cfg.gpus_per_actor == 0 else
         ActorResources(cfg.num_actors or 1, cfg.cpus_per_actor, 0.0, "cams"), cfg.batch_size,
         rows=split_rows(dataset_path, splits))

@@ -157,6 +157,9 @@ def save_classifier(model: Classifier, cfg: ModelConfig, directory: str,
     save_model(model, directory, spec)
 
 
-def load_classifier(directory: str, map_location: str | torch.device = "cpu") -> Classifier:
-    """The classifier saved in `directory` (also by versions that wrote no "kind")."""
-    return load_model(directory, map_location, kind="classifier")
+def load_classifier(directory: str, map_location: str | torch.device = "cpu",
+                    output_stride: int | None = None) -> Classifier:
+    """The classifier saved in `directory` (also by versions that wrote no "kind");
+    `output_stride`: evaluated densely at this stride (`registry.load_model`)."""
+    return load_model(directory, map_location, kind="classifier",
+                      output_stride=output_stride)

@@ -87,11 +87,14 @@ def read_spec(directory: str) -> dict:
 
 
 def load_model(directory: str, map_location: str | torch.device = "cpu", *,
-               kind: str | None = None) -> nn.Module:
+               kind: str | None = None, output_stride: int | None = None) -> nn.Module:
     """The model saved in `directory` by `save_model`, its weights on `map_location`.
 
     `kind`: the kind the caller expects; another kind raises ConfigError (naming the
-    file) instead of handing, say, a segmenter to code that wants a classifier."""
+    file) instead of handing, say, a segmenter to code that wants a classifier.
+    `output_stride`: evaluate the model densely at this (finer) stride instead of the
+    one it was trained at (`dense.densify`): the same weights, the same function on a
+    grid twice as fine at 8 for a stride-16 model."""
     json_path = storage.join(directory, "model.json")
     spec = read_spec(directory)
     found = spec["kind"]
@@ -110,6 +113,9 @@ def load_model(directory: str, map_location: str | torch.device = "cpu", *,
         # strict loading: weights for another architecture must not half-load
         first = str(exc).splitlines()[0]
         raise DataError(f"weights do not match model.json ({first})", path=pt_path) from None
+    if output_stride is not None and output_stride != spec["output_stride"]:
+        from .dense import densify
+        densify(model, spec["output_stride"], output_stride, where="cams.output_stride")
     # load_state_dict copies the weights into the freshly built (CPU) model, whose
     # non-persistent buffers (input mean/std) are not in the file at all: the model
     # itself goes to the device, not just the loaded tensors.

@@ -52,6 +52,41 @@ def test_classifier_round_trip_through_the_registry(tmp_path):
             assert torch.equal(model(x), back.eval()(x))
 
 
+@pytest.mark.parametrize("backbone, phase", [("resnet_mini", 0), ("resnet50", 0),
+                                             ("efficientnet-lite0", 1)])
+def test_a_classifier_loaded_at_a_finer_stride_is_its_dense_evaluation(tmp_path, backbone,
+                                                                        phase):
+    """cams.output_stride: the stride-16 weights loaded at stride 8 compute the same
+    function on a grid twice as fine. Sampled every second position, the stride-8 map
+    is the stride-16 map exactly (phase 0 with ResNet's symmetric padding, 1 with
+    EfficientNet's TF "same" padding on even sizes)."""
+    cfg = ModelConfig(backbone=backbone, output_stride=16)
+    model = build_classifier(cfg, 3, pretrained=False).eval()
+    _randomise_bn(model)
+    save_classifier(model, cfg, str(tmp_path), ["a", "b", "c"])
+    dense = load_classifier(str(tmp_path), output_stride=8).eval()
+    assert _spec(tmp_path)["output_stride"] == 16        # the saved model is unchanged
+    x = torch.rand(2, 3, 128, 96) * 255
+    with torch.no_grad():
+        f16, f8 = model.features(x), dense.features(x)
+    assert f16.shape[-2:] == (8, 6) and f8.shape[-2:] == (16, 12)
+    scale = float(f16.abs().max())   # float sums in another order: 1e-4 of the range
+    torch.testing.assert_close(f8[..., phase::2, phase::2], f16, atol=1e-4 * scale, rtol=0)
+    # the same head on the denser map: class scores close to the stride-16 ones
+    with torch.no_grad():
+        assert (torch.sigmoid(dense(x)) - torch.sigmoid(model(x))).abs().max() < 0.2
+    assert dense.backbone.output_stride == 8
+    assert load_classifier(str(tmp_path)).backbone.output_stride == 16
+    if backbone == "efficientnet-lite0":  # its builder dilates the same way
+        built = build_classifier(ModelConfig(backbone=backbone, output_stride=8), 3,
+                                 pretrained=False).eval()
+        built.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            torch.testing.assert_close(built.features(x), f8)
+    with pytest.raises(ConfigError, match="cams.output_stride: 32 is coarser"):
+        load_classifier(str(tmp_path), output_stride=32)
+
+
 def test_segmenter_round_trip_through_the_registry(tmp_path):
     cfg = ModelConfig(backbone="resnet_mini", output_stride=8)
     # narrow head widths (not the paper's 256) must come back from model.json too
