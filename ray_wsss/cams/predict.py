@@ -24,9 +24,10 @@ class MapMaker:
                  allow_cpu_fallback: bool = False, where: str = "cams.gpus_per_actor",
                  output_stride: int | None = None):
         """`output_stride`: the classifier evaluated densely at this stride (None: the
-        one it was trained at; `cams.output_stride`). `mcis`: {"bank": {class: [ids]}, "peers": N, "seed": s} and either "images":
-        {id: encoded bytes} or "dataset": the dataset folder to read the bank's images
-        from, turns on MCIS co-segmentation (cams/mcis.py) with N peers.
+        one it was trained at; `cams.output_stride`). `mcis`: {"bank": {class: [ids]},
+        "peers": N, "seed": s} and either "images": {id: encoded bytes} or "dataset":
+        the dataset folder to read the bank's images from, turns on MCIS
+        co-segmentation (cams/mcis.py) with N peers.
         `use_gpu` without a usable CUDA device is a ConfigError naming `where` (the key
         that asked for GPUs) unless `allow_cpu_fallback` (runtime.torch_device)."""
         import torch
