@@ -172,7 +172,7 @@ RULES: dict[str, Rule] = {
     "cams.lambda_bg": at_least(0),
     "cams.scorecam_batch": at_least(1),
     "cams.max_image_side": at_least(MIN_IMAGE_SIDE),
-    "cams.output_stride": one_of((8, 16, 32)),
+    "cams.output_stride": one_of((4, 8, 16, 32)),
     "cams.mcis_peers": at_least(0),
     "cams.mcis_bank": at_least(1),
     "cams.batch_size": at_least(1),

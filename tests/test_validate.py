@@ -37,7 +37,7 @@ def test_the_reported_values_are_refused_at_load_with_their_key(override, messag
     ("classifier.num_workers=-1", "classifier.num_workers:"),
     ("cams.num_actors=0", "cams.num_actors:"),
     ("cams.gpus_per_actor=-1", "cams.gpus_per_actor:"),
-    ("cams.output_stride=12", "cams.output_stride: 12 is not one of 8, 16, 32"),
+    ("cams.output_stride=12", "cams.output_stride: 12 is not one of 4, 8, 16, 32"),
     # learning rates and weights
     ("classifier.lr=0", "classifier.lr: 0.0 must be greater than 0"),
     ("segmenter.lr=-0.01", "segmenter.lr:"),
