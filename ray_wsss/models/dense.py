@@ -26,16 +26,18 @@ def densify(model: nn.Module, current: int, target: int, where: str = "output_st
     """`model` (trained at output stride `current`), changed in place to compute the
     same function at output stride `target` (<= current); returns it.
 
-    Modules are visited in registration order, which for the package's backbones is the
-    order of the data flow. A strided 1x1 convolution (ResNet's shortcut projection,
+    Only the backbone's modules (`model.backbone` where there is one) are visited, in
+    registration order, which for the package's backbones is the order of the data
+    flow: a head with spatial convolutions after the backbone is left as it is. A strided 1x1 convolution (ResNet's shortcut projection,
     parallel to its block's strided 3x3) follows the decision taken for that 3x3."""
     if target > current:
         raise ConfigError(f"{where}: {target} is coarser than the stride the model was "
                           f"trained at ({current}); only finer strides can be evaluated")
     if current % target:
         raise ConfigError(f"{where}: {target} does not divide the model's stride {current}")
+    net = getattr(model, "backbone", model)
     stride, factor, last_destrided = 1, 1, False
-    for m in model.modules():
+    for m in net.modules():
         if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
             s = m.stride if isinstance(m.stride, int) else m.stride[0]
             if s > 1 and stride * s > target:
@@ -66,7 +68,6 @@ def densify(model: nn.Module, current: int, target: int, where: str = "output_st
     if stride != target or factor != current // target:
         raise ConfigError(f"{where}: could not evaluate the model at stride {target} "
                           f"(strides found: {stride}, removed: {factor})")
-    backbone = getattr(model, "backbone", None)
-    if backbone is not None and hasattr(backbone, "output_stride"):
-        backbone.output_stride = target
+    if hasattr(net, "output_stride"):
+        net.output_stride = target
     return model
