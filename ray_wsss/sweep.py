@@ -19,8 +19,8 @@ space:
 Trainables:
 - `refine`: seeds + dense CRF + evaluation on stored maps of the images with ground
   truth (keys of `seeds`, `crf`, and the TTA `cams.scales` / `cams.flip`). Cheap: the
-  maps are computed once per sweep for every scale and flip (`cam_cache/`), and a trial
-  only combines the ones it needs.
+  maps are computed once per sweep for every scale and flip (`cam_cache-KEY/`), and a
+  trial only combines the ones it needs.
 - `classifier`: one Ray Train fit per trial (keys of `model`, `head`, `regularizers`,
   `classifier`), reporting val mAP every epoch, so ASHA can stop the poor ones early.
 - `walk`: the random walk on the fitted affinity network (keys of `random_walk`: beta,
@@ -33,7 +33,10 @@ The first trial is the base config itself, so the sweep's best is never worse th
 Trials report to Tune and as Ray metrics (`ray_wsss_trial_metric`, charted in the
 dashboard where Prometheus/Grafana are set up). Results land in <run>/sweeps/NAME/:
 results.json / .csv, best.yaml (a config `ray-wsss run` accepts) and Tune's own files; a
-sweep whose driver died resumes with `Tuner.restore` when started again.
+sweep whose driver died resumes with `Tuner.restore` when started again. The Tune
+experiment and the map cache are named by `sweep_key`: the sweep file, the config the
+trials start from and the run ids of the steps they read, so a sweep started again after
+a classifier refit or a config change runs afresh instead of restoring stale results.
 """
 from __future__ import annotations
 
@@ -76,6 +79,18 @@ TRAINABLES = {
     "iterations": ("dataset", ("",)),
 }
 TRAINABLE_SECTIONS = {k: v[1] for k, v in TRAINABLES.items()}
+# trainable: (the steps whose outputs its trials read, the step whose hash covers the
+# config a trial applies its point to; None: the whole config, as a trial runs the
+# pipeline or fits from the dataset with any key)
+TRAINABLE_READS = {
+    "refine": (("classifier",), "evaluate"),
+    "classifier": (("dataset",), "classifier"),
+    "pipeline": (("dataset",), None),
+    "walk": (("cams", "affinity"), "random_walk"),
+    "iterations": (("dataset",), None),
+}
+# sections no trial result depends on (where runs go, Ray's settings, other commands)
+_UNSWEPT = ("ray", "explain", "report")
 SWEEP_DIRS = ("tuning",)
 
 
@@ -508,6 +523,32 @@ def build_cache(config: PipelineConfig, run: Run, path: str, scales, flip) -> No
 
 # ---------------------------------------------------------------- driver
 
+def sweep_key(spec: SweepSpec, config: PipelineConfig, run: Run) -> str:
+    """What a sweep's results depend on beyond its file: the run ids of the steps its
+    trials read (a refitted classifier or affinity network gets a new one), the hash of
+    the config they apply their points to (resources left out), and `evaluate` (which
+    images are scored). It names the Tune experiment and the map cache, so a sweep
+    started again after any of these changed runs afresh instead of restoring a finished
+    experiment of stale results; a sweep whose driver died, started again on the same
+    run and config, resumes."""
+    import dataclasses
+
+    from .config import section_hash
+
+    reads, scope = TRAINABLE_READS[spec.trainable]
+    if scope is not None:
+        config_hash = run.current_hash(scope)
+    else:
+        config_hash = section_hash(config, [
+            f.name for f in dataclasses.fields(config)
+            if dataclasses.is_dataclass(getattr(config, f.name)) and f.name not in _UNSWEPT])
+    blob = json.dumps({"sweep": spec.digest(), "config": config_hash,
+                       "evaluate": section_hash(config, ["evaluate"]),
+                       "reads": {s: (run.stage_entry(s) or {}).get("run_id") for s in reads}},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
 def trial_resources(spec: SweepSpec) -> dict:
     """What a trial's own process reserves. A classifier trial only drives a Ray Train
     fit whose workers and data tasks reserve their own CPUs: it must hold none, or on a
@@ -533,7 +574,8 @@ def run_sweep(config: PipelineConfig, run: Run, spec: SweepSpec, force: bool = F
                           "local mode), which cannot report each epoch to Tune; set it to "
                           "1 or more")
     info = run.dataset_info()
-    exp = f"{spec.name}-{spec.digest()}"
+    key = sweep_key(spec, config, run)
+    exp = f"{spec.name}-{key}"
     tune_dir = storage.join(sweep_dir, "tune")
     if force:
         storage.remove(sweep_dir)
@@ -543,8 +585,7 @@ def run_sweep(config: PipelineConfig, run: Run, spec: SweepSpec, force: bool = F
            "background": info.background, "max_rounds": spec.max_rounds}
     if spec.trainable == "refine":
         scales, flip = _cache_scales(spec, config)
-        dense = f"-os{config.cams.output_stride}" if config.cams.output_stride else ""
-        cache = storage.join(sweep_dir, f"cam_cache-{spec.digest()}{dense}")
+        cache = storage.join(sweep_dir, f"cam_cache-{key}")
         if not storage.exists(cache):
             print(f"[ray-wsss] sweep {spec.name}: computing maps of the evaluation images "
                   f"for scales {scales}{' + flip' if flip else ''}", flush=True)

@@ -14,7 +14,7 @@ import yaml
 from ray_wsss.config import load_config
 from ray_wsss.errors import ConfigError
 from ray_wsss.run import Run
-from ray_wsss.sweep import load_spec, run_sweep
+from ray_wsss.sweep import load_spec, run_sweep, sweep_key
 
 from .conftest import REPO, TINY_OVERRIDES
 
@@ -32,6 +32,42 @@ def test_shipped_sweeps_are_valid():
         with pytest.raises(ConfigError, match="cannot vary in a walk sweep"):
             load_spec("walk", {"space": {key: {"choice": [1, 2]}}})
     assert load_spec("walk", {"space": {"random_walk.crf.iterations": {"choice": [0, 1]}}})
+
+
+def test_the_sweep_key_follows_what_the_trials_read(tiny_run, tmp_path):
+    """The key naming a sweep's Tune experiment and map cache: stable for the same run
+    and config (a killed sweep resumes), new when a step the trials read was refitted
+    (its run id) or when the config they start from changed; resources do not count,
+    nor (for a refine sweep) stages it does not read."""
+    import shutil
+
+    from ray_wsss.config import replace
+
+    shutil.copy(tiny_run.manifest_path, tmp_path / "manifest.json")
+    config = tiny_run.config
+
+    def key(spec, changes=None):
+        cfg = replace(config, **(changes or {}))
+        return sweep_key(spec, cfg, Run(cfg, str(tmp_path)))
+
+    refine, pipeline = load_spec("thresholds"), load_spec("thresholds", {
+        "trainable": "pipeline", "space": {"segmenter.epochs": {"choice": [1, 2]}}})
+    base = key(refine)
+    assert base == key(refine) != key(pipeline)
+    assert key(refine, {"cams.num_actors": 3, "crf.batch_size": 2}) == base  # resources
+    assert key(refine, {"segmenter.epochs": 9}) == base       # not read by the trials
+    assert key(pipeline, {"segmenter.epochs": 9}) != key(pipeline)
+    for change in ({"cams.method": "gradcampp"}, {"cams.output_stride": 8},
+                   {"crf.iterations": 3}, {"seeds.background_threshold": 0.5},
+                   {"evaluate.splits": ("train",)}, {"classifier.lr": 0.5}):
+        assert key(refine, change) != base, change
+    # a refitted classifier has a new run id: the refine sweep starts afresh, the
+    # pipeline sweep (which reads only the dataset) does not
+    manifest = json.load(open(tmp_path / "manifest.json"))
+    before = key(pipeline)
+    manifest["stages"]["classifier"]["run_id"] = "refitted"
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert key(refine) != base and key(pipeline) == before
 
 
 def test_tiny_thresholds_sweep(copy_run, tiny_run):
@@ -64,6 +100,10 @@ def test_tiny_thresholds_sweep(copy_run, tiny_run):
     # started again, the sweep restores the finished experiment instead of rerunning it
     again = run_sweep(run.config, run, spec)
     assert again["best"]["metric"] == best["metric"] and len(again["rows"]) == 4
+    key = sweep_key(spec, run.config, run)
+    assert f"thresholds-{key}" in os.listdir(os.path.join(root, "sweeps", "thresholds",
+                                                          "tune"))
+    assert os.path.isdir(os.path.join(root, "sweeps", "thresholds", f"cam_cache-{key}"))
     # the report gains a sweep section
     from ray_wsss.report import sweep_sections
     assert "Sweep thresholds" in sweep_sections(run)
