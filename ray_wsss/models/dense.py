@@ -28,8 +28,9 @@ def densify(model: nn.Module, current: int, target: int, where: str = "output_st
 
     Only the backbone's modules (`model.backbone` where there is one) are visited, in
     registration order, which for the package's backbones is the order of the data
-    flow: a head with spatial convolutions after the backbone is left as it is. A strided 1x1 convolution (ResNet's shortcut projection,
-    parallel to its block's strided 3x3) follows the decision taken for that 3x3."""
+    flow: a head with spatial convolutions after the backbone is left as it is. A
+    strided 1x1 convolution (ResNet's shortcut projection, parallel to its block's
+    strided 3x3) follows the decision taken for that 3x3."""
     if target > current:
         raise ConfigError(f"{where}: {target} is coarser than the stride the model was "
                           f"trained at ({current}); only finer strides can be evaluated")
