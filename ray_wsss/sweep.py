@@ -259,10 +259,36 @@ def _report_metrics(sweep: str, metrics: dict) -> None:
             gauge.set(float(v), tags={"sweep": sweep, "trial": trial, "metric": k})
 
 
-def refine_trial(point: dict, ctx: dict) -> None:
-    """Seeds + CRF + metrics for one point, on the sweep's cached per-scale maps."""
-    from ray import tune
+def _finished_once(compute):
+    """A one-result trial whose result outlives the driver: Tune snapshots its experiment
+    state every 10 s or more, so a trial that finished just before the driver was killed
+    is restored as unfinished and started again; its result, saved here (per trial id and
+    point, in the sweep's own key) when it was computed, is reported again instead of
+    being recomputed."""
+    import functools
 
+    @functools.wraps(compute)
+    def trial(point: dict, ctx: dict) -> None:
+        from ray import tune
+
+        trial_id = tune.get_context().get_trial_id()
+        path = storage.join(ctx["sweep_dir"], f"trials-{ctx['key']}", f"{trial_id}.json")
+        here = json.loads(json.dumps(point, default=str))
+        saved = storage.read_json(path) if storage.exists(path) else None
+        if saved is not None and saved.get("point") == here:
+            metrics = saved["metrics"]
+        else:
+            metrics = compute(point, ctx)
+            storage.makedirs(storage.split(path)[0])
+            storage.write_json_atomic(path, {"point": here, "metrics": metrics})
+        _report_metrics(ctx["sweep"], metrics)
+        tune.report(metrics)
+    return trial
+
+
+@_finished_once
+def refine_trial(point: dict, ctx: dict) -> dict:
+    """Seeds + CRF + metrics for one point, on the sweep's cached per-scale maps."""
     from .data.codecs import decode_array, decode_image, decode_mask
     from .data.dataset import read_table, vector_to_labels
     from .evaluate import ConfusionMatrix
@@ -295,8 +321,7 @@ def refine_trial(point: dict, ctx: dict) -> None:
     metrics = {"seed_miou": 100 * seeds.metrics(exclude=exclude)["miou"],
                "crf_miou": 100 * crfs.metrics(exclude=exclude)["miou"],
                "images": table.num_rows}
-    _report_metrics(ctx["sweep"], metrics)
-    tune.report(metrics)
+    return metrics
 
 
 def classifier_trial(point: dict, ctx: dict) -> None:
@@ -427,11 +452,10 @@ def iterations_trial(point: dict, ctx: dict) -> None:
         tune.report(metrics)
 
 
-def walk_trial(point: dict, ctx: dict) -> None:
+@_finished_once
+def walk_trial(point: dict, ctx: dict) -> dict:
     """The random walk of one point on the images with ground truth (evaluate.splits),
     with the run's fitted boundary network and stored CAMs, scored like the stage."""
-    from ray import tune
-
     from .data.codecs import decode_mask
     from .data.dataset import open_dataset
     from .evaluate import ConfusionMatrix
@@ -451,9 +475,7 @@ def walk_trial(point: dict, ctx: dict) -> None:
             conf.update(decode_mask(truth), decode_mask(walked))
             images += 1
     exclude = () if ctx["background"] else (0,)
-    metrics = {"rw_miou": 100 * conf.metrics(exclude=exclude)["miou"], "images": images}
-    _report_metrics(ctx["sweep"], metrics)
-    tune.report(metrics)
+    return {"rw_miou": 100 * conf.metrics(exclude=exclude)["miou"], "images": images}
 
 
 TRIALS = {"refine": refine_trial, "walk": walk_trial, "classifier": classifier_trial,
@@ -580,7 +602,8 @@ def run_sweep(config: PipelineConfig, run: Run, spec: SweepSpec, force: bool = F
     if force:
         storage.remove(sweep_dir)
     storage.makedirs(sweep_dir)
-    ctx = {"config": config, "sweep": spec.name, "sweep_dir": sweep_dir, "run_root": run.root,
+    ctx = {"config": config, "sweep": spec.name, "key": key, "sweep_dir": sweep_dir,
+           "run_root": run.root,
            "dataset": run.dataset_path, "n_labels": info.num_classes + 1,
            "background": info.background, "max_rounds": spec.max_rounds}
     if spec.trainable == "refine":

@@ -112,8 +112,10 @@ def test_tiny_thresholds_sweep(copy_run, tiny_run):
 def test_a_sweep_whose_driver_was_killed_resumes_without_redoing_finished_trials(
         copy_run, tiny_run, tmp_path):
     """`ray-wsss sweep` killed (driver and its local Ray) after two trials; started again
-    it restores the experiment: the finished trials are kept, the rest run, and the
-    result has every trial once."""
+    it restores the experiment: the finished trials are not computed again (even one that
+    finished after Tune's last snapshot of the experiment, which Tune restores as
+    unfinished: its saved result is reported), the rest run, and the result has every
+    trial once."""
     root = copy_run("sweep-kill")
     spec_file = tmp_path / "kill.yaml"
     spec_file.write_text(yaml.safe_dump({
@@ -127,10 +129,11 @@ def test_a_sweep_whose_driver_was_killed_resumes_without_redoing_finished_trials
     env = dict(os.environ, RAY_ADDRESS="")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, env=env)
-    results = os.path.join(root, "sweeps", "kill", "tune", "*", "*", "result.json")
+    # a trial's result is saved when it has been computed, before Tune hears of it
+    results = os.path.join(root, "sweeps", "kill", "trials-*", "*.json")
 
     def finished():
-        return {os.path.dirname(f) for f in glob.glob(results) if os.path.getsize(f) > 0}
+        return set(glob.glob(results))
     deadline = time.time() + 240
     try:
         while len(finished()) < 2:
@@ -140,7 +143,7 @@ def test_a_sweep_whose_driver_was_killed_resumes_without_redoing_finished_trials
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    before = {d: os.path.getmtime(os.path.join(d, "result.json")) for d in finished()}
+    before = {f: os.path.getmtime(f) for f in finished()}
     assert 2 <= len(before) < 6
     assert not os.path.exists(os.path.join(root, "sweeps", "kill", "results.json"))
 
@@ -150,8 +153,12 @@ def test_a_sweep_whose_driver_was_killed_resumes_without_redoing_finished_trials
     saved = json.load(open(os.path.join(root, "sweeps", "kill", "results.json")))
     trials = [t for t in saved["trials"] if t["metric"] is not None]
     assert len(trials) == 6 and len({t["trial"] for t in trials}) == 6
-    for d, mtime in before.items():  # a finished trial was not run again
-        assert os.path.getmtime(os.path.join(d, "result.json")) == mtime
+    assert len(finished()) == 6
+    for f, mtime in before.items():  # a finished trial was not computed again
+        assert os.path.getmtime(f) == mtime
+        trial = os.path.basename(f)[:-len(".json")]
+        saved = next(t for t in trials if t["trial"] == trial)
+        assert saved["metric"] == json.load(open(f))["metrics"]["crf_miou"]
 
 
 def test_a_classifier_sweep_fits_one_model_per_trial(copy_run, tiny_run):
