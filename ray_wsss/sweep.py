@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -265,8 +266,6 @@ def _finished_once(compute):
     is restored as unfinished and started again; its result, saved here (per trial id and
     point, in the sweep's own key) when it was computed, is reported again instead of
     being recomputed."""
-    import functools
-
     @functools.wraps(compute)
     def trial(point: dict, ctx: dict) -> None:
         from ray import tune
@@ -279,7 +278,6 @@ def _finished_once(compute):
             metrics = saved["metrics"]
         else:
             metrics = compute(point, ctx)
-            storage.makedirs(storage.split(path)[0])
             storage.write_json_atomic(path, {"point": here, "metrics": metrics})
         _report_metrics(ctx["sweep"], metrics)
         tune.report(metrics)
