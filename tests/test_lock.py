@@ -44,8 +44,12 @@ def _fake_lock(root, **fields):
               "heartbeat": time.time(), "token": "f" * 32, "command": "ray-wsss run x.yaml"}
     record.update(fields)
     os.makedirs(root, exist_ok=True)
-    with open(os.path.join(root, "run.lock"), "w") as fh:
+    # whole, as RunLock writes it: a heartbeat thread reading a half-written file would
+    # see an unreadable holder, not this one (a CI run on 2026-12-07 did)
+    tmp = os.path.join(root, "run.lock.fake.tmp")
+    with open(tmp, "w") as fh:
         json.dump(record, fh)
+    os.replace(tmp, os.path.join(root, "run.lock"))
     return record
 
 
