@@ -48,6 +48,7 @@ LOCK_NAME = "run.lock"
 HEARTBEAT_S = 20.0      # how often the holder rewrites its heartbeat
 STALE_AFTER_S = 120.0   # a heartbeat older than this marks a lock left by a dead run
 SETTLE_S = 1.0          # object stores: wait between writing the lock and reading it back
+UNREADABLE_BEATS = 1    # unreadable lock-file reads in a row the holder lets pass
 _ATTEMPTS = 5           # create / take over rounds before giving up on a contended lock
 
 # roots this process holds -> the RunLock holding it (nested acquisitions share it)
@@ -346,19 +347,37 @@ class RunLock:
                 f"{self.path}")
 
     def _beat(self) -> None:
+        misses = 0
         while not self._stop.wait(self.heartbeat_s):
             try:
-                holder = _read(self.path)
-                if holder is None or holder.get("token") != self.token:
-                    self._lost = (f"{self.root}: the run lock was "
-                                  + ("removed" if holder is None else
-                                     f"taken over by another run ({describe(holder)})")
-                                  + " while this run held it; this run's outputs may have "
-                                  "been changed by the other run")
-                    print(f"[ray-wsss] warning: {self._lost}", file=sys.stderr, flush=True)
-                    return
-                self.record = {**self.record, "heartbeat": time.time()}
-                self._put(json.dumps(self.record, indent=1).encode())
+                misses = self._beat_once(misses)
             except Exception as exc:  # noqa: BLE001 - a storage hiccup must not end the beat
                 print(f"[ray-wsss] warning: {self.root}: cannot refresh the run lock's "
                       f"heartbeat: {exc}", file=sys.stderr, flush=True)
+            if self._lost:
+                return
+
+    def _beat_once(self, misses: int = 0) -> int:
+        """One heartbeat: the lock file read back and, while it is still this run's,
+        rewritten with a fresh heartbeat; removed or another run's, the lock is lost
+        (`_lost` says how). An unreadable file is left as it is and read again at the
+        next beat (`misses`: unreadable reads in a row, returned): something that writes
+        it in place (a copy tool, an editor) leaves it unreadable for a moment, and
+        declaring the lock lost then would stop a healthy run. Unreadable
+        `UNREADABLE_BEATS` + 1 times in a row, it is lost."""
+        holder = _read(self.path)
+        if holder is not None and holder.get("unreadable") and misses < UNREADABLE_BEATS:
+            return misses + 1
+        if holder is None or holder.get("token") != self.token:
+            self._lost = (f"{self.root}: the run lock was "
+                          + ("removed" if holder is None else
+                             f"unreadable at {misses + 1} heartbeats in a row (not a lock "
+                             f"record: {self.path})" if holder.get("unreadable") else
+                             f"taken over by another run ({describe(holder)})")
+                          + " while this run held it; this run's outputs may have "
+                          "been changed by the other run")
+            print(f"[ray-wsss] warning: {self._lost}", file=sys.stderr, flush=True)
+            return misses
+        self.record = {**self.record, "heartbeat": time.time()}
+        self._put(json.dumps(self.record, indent=1).encode())
+        return 0

@@ -177,3 +177,31 @@ def test_the_lock_goes_with_the_last_holder_even_out_of_order(tmp_path):
     assert read_lock(root)["token"] == outer.token  # the inner holder still runs
     inner.release()
     assert read_lock(root) is None
+
+
+def test_the_holder_lets_one_unreadable_read_pass_and_loses_the_lock_at_two(tmp_path):
+    """A lock file written in place (not whole) reads unreadable for a moment: the
+    holder leaves it alone at that beat and reads it again at the next; only a second
+    unreadable read in a row loses the lock. Beats are driven by hand (the thread's
+    period is an hour here), so the test does not race the heartbeat."""
+    root = str(tmp_path / "run")
+    path = os.path.join(root, "run.lock")
+    lock = RunLock(root, heartbeat_s=3600, stale_after_s=8000).acquire()
+    try:
+        ours = open(path).read()
+        open(path, "w").write(ours[:len(ours) // 2])  # half-written
+        assert lock._beat_once(0) == 1 and lock._lost is None
+        assert open(path).read() == ours[:len(ours) // 2]  # left as it was
+        open(path, "w").write(ours)  # the writer finished
+        before = read_lock(root)["heartbeat"]
+        time.sleep(0.01)
+        assert lock._beat_once(1) == 0 and lock._lost is None
+        assert read_lock(root)["heartbeat"] > before
+        lock.check()
+        open(path, "w").write("")
+        assert lock._beat_once(0) == 1
+        assert lock._beat_once(1) == 1
+        with pytest.raises(LockError, match=r"unreadable at 2 heartbeats in a row"):
+            lock.check()
+    finally:
+        lock.release()
