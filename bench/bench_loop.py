@@ -29,6 +29,8 @@ VARIANTS = {
     "per_class": ("c_i P(c_i) per class, K channels", ["loop.prior=per_class"]),
     "labels": ("self-training (CRF-refined predictions)",
                ["loop.feedback=labels", "predict.crf=true"]),
+    "labels_class": ("self-training, round 1's masks of the tags the model lost",
+                     ["loop.feedback=labels", "predict.crf=true", "loop.fallback=class"]),
 }
 
 
@@ -36,7 +38,7 @@ def variant_overrides(name: str, config_path: str, overrides: list[str]) -> list
     """The variant's keys; self-training also needs the segmenter's train split among
     predict.splits (configs/camvid_tiles.yaml predicts the val frames only)."""
     extra = list(VARIANTS[name][1])
-    if name == "labels":
+    if name.startswith("labels"):
         from ray_wsss.config import load_config
         from ray_wsss.sweep import self_training
 

@@ -413,12 +413,18 @@ class LoopConfig:
     `alpha`: one weight per class (null: 1 for every class). `warm_start`: round t+1's
     classifier starts from round t's weights (the extra channels from zero), else from
     the initialisation of round 1. `rounds` is in no hash: raising T reuses rounds 1..T-1.
+    `fallback` (self-training only): what a train image's target takes from round 1's
+    pseudo masks (the ones `segmenter.masks` names) where the previous round's model lost
+    its tags: `class`: the round-1 pixels of every tagged class the prediction holds no
+    pixel of (a thin class the model dropped is not lost for good); `image`: the whole
+    round-1 mask of an image whose prediction holds none of its tags; `none`: nothing.
     """
     rounds: int = 1
     prior: Literal["sum", "per_class"] = "sum"
     feedback: Literal["prior", "labels"] = "prior"
     alpha: tuple[float, ...] | None = None
     warm_start: bool = False
+    fallback: Literal["none", "class", "image"] = added("none")
     # resources of the prior stage's actors
     batch_size: int = 8
     num_actors: int | None = None

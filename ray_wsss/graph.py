@@ -113,6 +113,11 @@ def _pct_from_classifier(config) -> bool:
     return _segmenter.init_source(config) == "classifier"
 
 
+def _fallback_on(config) -> bool:
+    """Self-training whose targets take round 1's masks where the model lost its tags."""
+    return config.loop.feedback == "labels" and config.loop.fallback != "none"
+
+
 def _labelled_images(config) -> bool:
     from .data.labelled import has_labelled
     return has_labelled(config)
@@ -155,6 +160,13 @@ def _affinity_fit_fields() -> frozenset:
         AFFINITY_LABEL_FIELDS
 
 
+def _loop_fields_but_fallback() -> frozenset:
+    import dataclasses
+
+    from .config import LoopConfig
+    return frozenset(f.name for f in dataclasses.fields(LoopConfig)) - {"fallback"}
+
+
 def _classifier_external(config, cache: dict) -> list[str]:
     """The ordinary classifier of OC-CSE / P-NOC, by the content of its weights."""
     reg = config.regularizers
@@ -183,8 +195,12 @@ class Stage:
     # Inputs in rounds 2..T of the iterative loop, per `loop.feedback`: a tuple of tokens
     # (`crf`: this round's, `segmenter@prev`: the round before's, `classifier@1`: round
     # 1's), or None where the stage does not run in later rounds; a feedback missing here
-    # means the same inputs as in round 1, of the same round.
+    # means the same inputs as in round 1, of the same round. `labels+fallback`, where
+    # given, replaces `labels` under a `loop.fallback` other than none.
     later: dict = field(default_factory=dict)
+    # sections hashed in rounds 2..T only, when their predicate holds for the config (the
+    # segmenter's targets under loop.fallback): round 1's hash stays as it was
+    later_sections: dict[str, Callable] = field(default_factory=dict)
     first_round: int = 1                # the prior exists from round 2 on
     # whether the stage runs at all for a config (off: no step, nobody's input)
     enabled: Callable = _always
@@ -212,6 +228,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           resources={"loop": frozenset({"rounds", "batch_size", "num_actors",
                                         "cpus_per_actor", "gpus_per_actor",
                                         "torch_threads"})},
+          unhashed={"loop": frozenset({"fallback"})},  # the segmenter's, under labels
           later={"labels": None}, first_round=2),
     Stage("classifier", ("model", "head", "regularizers", "classifier"), ("dataset",),
           _classifier.run, "classifier",
@@ -280,7 +297,13 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("segmenter", ("segmenter", "semi"), ("classifier", "cams", "crf", "random_walk",
                                                "pct"),
           _segmenter.run, "segmenter", "fit DeepLabV3+ on the pseudo masks (Ray Train, DDP)",
-          later={"labels": ("classifier@1", "predict@prev")},
+          later={"labels": ("classifier@1", "predict@prev"),
+                 # round 1's masks, where the model lost an image's tags
+                 "labels+fallback": ("classifier@1", "predict@prev", "crf@1",
+                                     "random_walk@1")},
+          later_sections={"loop": _fallback_on},
+          # of the loop section, the segmenter's later rounds hash the fallback only
+          unhashed={"loop": _loop_fields_but_fallback()},
           optional={"random_walk": _walk_masks, "pct": _pct_on, "cams": _masks_from_cams,
                     "crf": _masks_from_cams},
           optional_sections={"semi": _labelled_images}, external=_labelled_file,
@@ -365,12 +388,21 @@ def active_inputs(step: Step, config) -> list[Step]:
             and optional.get(u.stage, _always)(config)]
 
 
+def _later(stage: Stage, loop) -> "tuple[str, ...] | None":
+    """`stage`'s input tokens in rounds 2..T under the loop settings `loop` (None: it
+    does not run there)."""
+    feedback = getattr(loop, "feedback", "prior")
+    if feedback == "labels" and getattr(loop, "fallback", "none") != "none" and \
+            "labels+fallback" in stage.later:
+        return stage.later["labels+fallback"]
+    return stage.later.get(feedback, stage.inputs)
+
+
 def _tokens(step: Step, loop) -> tuple[str, ...]:
     stage = STAGES[step.stage]
     if step.round == 1 or not stage.per_round:
         return stage.inputs
-    feedback = getattr(loop, "feedback", "prior")
-    return stage.later.get(feedback, stage.inputs) or ()
+    return _later(stage, loop) or ()
 
 
 def runs_in(stage: Stage, round: int, loop) -> bool:
@@ -381,8 +413,7 @@ def runs_in(stage: Stage, round: int, loop) -> bool:
         return False
     if round == 1:
         return True
-    feedback = getattr(loop, "feedback", "prior")
-    return stage.later.get(feedback, stage.inputs) is not None
+    return _later(stage, loop) is not None
 
 
 def last_round(name: str, loop) -> int:

@@ -101,6 +101,9 @@ class Run:
             sections = [s for s in stage.sections
                         if s not in stage.optional_sections
                         or stage.optional_sections[s](self.config)]
+            if step.round > 1:
+                sections += [s for s, when in stage.later_sections.items()
+                             if when(self.config)]
             self._hashes[key] = section_hash(
                 self.config, sections,
                 upstream + stage.external(self.config, self._fingerprints), skip)

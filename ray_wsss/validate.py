@@ -387,6 +387,19 @@ def _self_training_needs_train_predictions(config: PipelineConfig) -> "str | Non
     return None
 
 
+def _fallback_needs_self_training(config: PipelineConfig) -> "str | None":
+    loop = config.loop
+    if loop.fallback == "none":
+        return None
+    if loop.feedback != "labels":
+        return (f"loop.fallback: {loop.fallback} puts round 1's masks back into the targets "
+                f"of self-training: set loop.feedback: labels")
+    if config.segmenter.mode == "pct":
+        return ("loop.fallback puts back round 1's masks made from the CAMs; "
+                "segmenter.mode: pct learns the hybrid net's masks instead")
+    return None
+
+
 def _loop_prior_needs_train_cams(config: PipelineConfig) -> "str | None":
     loop = config.loop
     if loop.rounds > 1 and loop.feedback == "prior" and \
@@ -435,6 +448,7 @@ def _saliency_labels(config: PipelineConfig) -> "str | None":
 # Rules over several keys: each returns what is wrong (naming the keys), or None.
 CROSS_CHECKS: tuple[Callable[[PipelineConfig], "str | None"], ...] = (
     _random_walk_masks, _random_walk_train_cams, _self_training_needs_crf,
+    _fallback_needs_self_training,
     _self_training_needs_train_predictions, _loop_prior_needs_train_cams,
     _one_labelled_source, _pct_needs_labelled_images, _saliency_labels)
 

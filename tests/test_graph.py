@@ -215,3 +215,30 @@ def test_self_training_rounds_refit_the_model_on_the_last_predictions_only(tmp_p
     # the output of the run is the last round's model
     assert graph.last_round("segmenter", config.loop) == 3
     assert graph.last_round("crf", config.loop) == 1
+
+
+def test_the_fallback_reads_round_one_masks_in_later_rounds_and_leaves_round_one_alone():
+    """loop.fallback (self-training): the segmenter of rounds 2.. also reads round 1's
+    CRF masks and hashes the fallback; round 1's steps, and the self-training run
+    without a fallback, keep their hashes (finished rounds are reused)."""
+    base = ["run_dir=/tmp/r", "loop.rounds=3", "loop.feedback=labels", "predict.crf=true"]
+    demo = os.path.join(REPO, "configs", "demo.yaml")
+    runs = {m: Run(load_config(demo, base + ([f"loop.fallback={m}"] if m else [])))
+            for m in (None, "none", "class", "image")}
+    plain, cls = runs[None].config, runs["class"].config
+    assert Step("segmenter", 2).inputs(cls.loop) == [Step("classifier", 1), Step("predict", 1),
+                                                     Step("crf", 1), Step("random_walk", 1)]
+    # the random walk is off: not read, not hashed
+    assert graph.active_inputs(Step("segmenter", 3), cls) == [
+        Step("classifier", 1), Step("predict", 2), Step("crf", 1)]
+    assert graph.active_inputs(Step("segmenter", 2), plain) == [Step("classifier", 1),
+                                                                Step("predict", 1)]
+    assert [s.key for s in steps(cls.loop)] == [s.key for s in steps(plain.loop)]
+    round_one = [s.key for s in steps(plain.loop) if s.round == 1 and s.stage != "report"]
+    for key in round_one:
+        assert len({r.current_hash(key) for r in runs.values()}) == 1, key
+    later = ["segmenter@2", "predict@2", "segmenter@3"]
+    assert [runs["none"].current_hash(k) for k in later] == \
+        [runs[None].current_hash(k) for k in later]
+    hashes = [tuple(runs[m].current_hash(k) for k in later) for m in (None, "class", "image")]
+    assert len(set(hashes)) == 3 and all(len(set(h)) == 3 for h in hashes)

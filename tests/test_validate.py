@@ -171,3 +171,15 @@ def test_self_training_needs_the_train_split_predicted_at_load():
     assert fixed.predict.splits == ("val", "train") and fixed.predict.crf
     validate(replace(fixed, **{"loop.rounds": 2, "loop.feedback": "labels"}))
     assert self_training(fixed).predict.splits == ("val", "train")  # idempotent
+
+
+def test_the_fallback_needs_self_training_from_the_cams_masks_at_load():
+    with pytest.raises(ConfigError) as err:
+        load_config(DEMO, ["loop.rounds=2", "loop.fallback=class"])
+    assert str(err.value) == (f"{DEMO}: loop.fallback: class puts round 1's masks back into "
+                              "the targets of self-training: set loop.feedback: labels")
+    with pytest.raises(ConfigError, match="loop.fallback: 'lost' is not one of 'none', 'class', 'image'"):
+        load_config(DEMO, ["loop.fallback=lost"])
+    labels = ["loop.rounds=2", "loop.feedback=labels", "predict.crf=true",
+              "predict.splits=[val,train]"]
+    assert load_config(DEMO, [*labels, "loop.fallback=image"]).loop.fallback == "image"

@@ -72,6 +72,61 @@ def ground_truth_for(batch: dict, labelled: Sequence[str], column: str) -> dict:
     return out
 
 
+def restore_lost_tags(target: np.ndarray, round_one: np.ndarray, tags: np.ndarray,
+                      mode: str) -> tuple[np.ndarray, int]:
+    """Self-training's fallback (`loop.fallback`): a target label map (H, W) of the
+    previous round's model with round 1's pseudo mask `round_one` (H, W) put back where
+    the model lost the image's tags (`tags`: its multi-hot label vector, K; label k + 1 is
+    class k). `class`: every tagged class the target holds no pixel of takes its round-1
+    pixels; `image`: a target holding none of the tags becomes the round-1 mask whole.
+    Returns the new target and how many classes came back (`image`: all of round 1's)."""
+    tagged = np.flatnonzero(np.asarray(tags) > 0) + 1
+    if mode == "none" or not len(tagged):
+        return target, 0
+    lost = tagged[~np.isin(tagged, target)]
+    back = lost[np.isin(lost, round_one)]
+    if mode == "image":
+        if len(lost) < len(tagged):
+            return target, 0
+        return round_one.copy(), len(back)
+    if mode != "class":
+        raise ConfigError(f"loop.fallback must be none, class or image, not {mode!r}")
+    if not len(back):
+        return target, 0
+    out = target.copy()
+    where = np.isin(round_one, back)
+    out[where] = round_one[where]
+    return out, len(back)
+
+
+def restore_lost_tags_batch(batch: dict, mode: str, column: str, source: str) -> dict:
+    """Ray Data batch function: `restore_lost_tags` on each row's target `column` from
+    round 1's masks in `source` (dropped afterwards); `restored`: classes put back."""
+    from ..data.codecs import decode_mask, encode_mask
+    from ..data.dataset import label_matrix
+    from ..errors import DataError
+
+    out = {k: v for k, v in batch.items() if k != source}
+    targets = np.empty(len(batch[column]), dtype=object)
+    restored = np.zeros(len(targets), np.int64)
+    tags = label_matrix(batch["label_vector"])
+    for i, image_id in enumerate(batch["image_id"]):
+        target = decode_mask(batch[column][i], f"{column} of image_id {image_id}")
+        if batch[source][i] is None:
+            raise DataError(f"no round-1 mask ({source}) for loop.fallback",
+                            row=str(image_id))
+        first = decode_mask(batch[source][i], f"{source} of image_id {image_id}")
+        if first.shape != target.shape:
+            raise DataError(f"{column} is {target.shape[1]}x{target.shape[0]}, its round-1 "
+                            f"mask ({source}) {first.shape[1]}x{first.shape[0]}",
+                            row=str(image_id))
+        new, restored[i] = restore_lost_tags(target, first, tags[i], mode)
+        targets[i] = encode_mask(new) if restored[i] else batch[column][i]
+    out[column] = targets
+    out["restored"] = restored
+    return out
+
+
 def segmenter_model_config(config) -> ModelConfig:
     """The segmenter's backbone: `segmenter.backbone` / `pretrained`, else the
     classifier's."""
@@ -301,33 +356,54 @@ def train_loop(lc: SegLoopConfig) -> None:
 
 
 def training_rows(config, dataset_path: str, masks_dir: str, cams_dir: str | None,
-                  column: str | None = None, labelled: Sequence[str] = ()):
+                  column: str | None = None, labelled: Sequence[str] = (),
+                  fallback_dir: str | None = None, stats: dict | None = None):
     """The train split's images joined with their pseudo masks (and CAMs for the unsure
     band), the pixel-labelled images (`labelled` ids) with their ground truth instead,
     materialised: the join's lookup actor must not share the CPUs with the training
     workers (a Train `datasets=` pipeline holding an actor pool can starve itself on a
-    small machine)."""
+    small machine). `fallback_dir`: round 1's masks (the column `segmenter.masks` names),
+    put back per `loop.fallback` where the targets lost an image's tags; `stats` gets
+    how many classes and images that restored."""
     cfg = config.segmenter
     column = column or MASK_COLUMNS[cfg.masks]
     ds = open_dataset(dataset_path, ["image_id", "image", "label_vector"]
                       + (["mask"] if labelled else []), [cfg.train_split], rows_per_block=32)
     ds = with_columns(ds, masks_dir, [column])
+    if fallback_dir is not None:
+        source = MASK_COLUMNS[cfg.masks]
+        if source == column:
+            raise ConfigError(f"loop.fallback: the targets and round 1's masks are both "
+                              f"column {column!r}")
+        ds = with_columns(ds, fallback_dir, [source]).map_batches(
+            restore_lost_tags_batch, fn_kwargs={"mode": config.loop.fallback,
+                                                "column": column, "source": source},
+            batch_format="numpy", batch_size=32)
     if cfg.unsure_band is not None and cams_dir is not None:
         ds = with_columns(ds, cams_dir, ["cam"])
     if labelled:
         ds = ds.map_batches(ground_truth_for, fn_kwargs={"labelled": list(labelled),
                                                          "column": column},
                             batch_format="numpy", batch_size=32)
-    return ds.materialize()
+    ds = ds.materialize()
+    if fallback_dir is not None and stats is not None:
+        restored = np.concatenate([b["restored"] for b in ds.select_columns(
+            ["restored"]).iter_batches(batch_format="numpy")] or [np.zeros(0)])
+        stats.update(restored_classes=int(restored.sum()),
+                     restored_images=int((restored > 0).sum()),
+                     fallback_rows=int(len(restored)))
+    return ds
 
 
 def make_trainer(config, dataset_path: str, masks_dir: str, cams_dir: str | None,
                  classifier_dir: str | None, name: str, storage_path: str, callbacks=None,
-                 column: str | None = None, labelled: Sequence[str] = ()):
+                 column: str | None = None, labelled: Sequence[str] = (),
+                 fallback_dir: str | None = None, stats: dict | None = None):
     """The TorchTrainer of the segmenter fit. `name` + `storage_path` identify the Ray
     Train run: the same pair again resumes it. `masks_dir` / `column`: where the target
     masks are (default: the column `segmenter.masks` names); `labelled`: ids of the
-    pixel-labelled images, which learn their ground truth."""
+    pixel-labelled images, which learn their ground truth; `fallback_dir`, `stats`: see
+    `training_rows`."""
     from ..models.deeplab import build_segmenter
 
     cfg: SegmenterConfig = config.segmenter
@@ -342,7 +418,8 @@ def make_trainer(config, dataset_path: str, masks_dir: str, cams_dir: str | None
     build_segmenter(model_cfg, info.num_classes + 1, pretrained=init == "pretrained")
     has_val = bool(cfg.val_split) and counts.get(cfg.val_split, 0) > 0
     column = column or MASK_COLUMNS[cfg.masks]
-    rows = training_rows(config, dataset_path, masks_dir, cams_dir, column, labelled)
+    rows = training_rows(config, dataset_path, masks_dir, cams_dir, column, labelled,
+                         fallback_dir, stats)
     weights = class_weights_of(rows, column, info.num_classes + 1) \
         if cfg.class_weights == "median_frequency" else None
     datasets = {"train": rows.map_batches(
@@ -370,6 +447,7 @@ def run(config, ctx) -> dict:
     train_root = storage.join(ctx.path, "ray_train")
     classifier_dir = ctx.input("classifier") if init_source(config) == "classifier" else None
     labelled = labelled_ids(config, ctx.dataset_path)
+    restored: dict = {}
     if ctx.has_input("predict"):
         # self-training (loop.feedback: labels): the previous round's CRF-refined
         # predictions of the train split are the targets
@@ -377,9 +455,17 @@ def run(config, ctx) -> dict:
             raise ConfigError("loop.feedback: labels fits each round's segmentation model "
                               "on the previous round's CRF-refined predictions: set "
                               "predict.crf: true")
+        # loop.fallback: round 1's masks where the predictions lost an image's tags
+        fallback = ctx.input(mask_stage(config)) if ctx.has_input(mask_stage(config)) \
+            else None
         trainer = make_trainer(config, ctx.dataset_path, ctx.input("predict"), None,
                                classifier_dir, name, train_root, column="prediction_crf",
-                               labelled=labelled)
+                               labelled=labelled, fallback_dir=fallback, stats=restored)
+        if fallback is not None:
+            print(f"[ray-wsss] segmenter: loop.fallback {config.loop.fallback}: round 1's "
+                  f"masks put back {restored['restored_classes']} lost classes on "
+                  f"{restored['restored_images']} of {restored['fallback_rows']} images",
+                  flush=True)
     elif config.segmenter.mode == "pct":
         # the hybrid net's label-restricted predictions of the train split
         from .pct import masks_folder
@@ -410,5 +496,6 @@ def run(config, ctx) -> dict:
     summary = {k: last[k] for k in ("loss", "val_miou", "epoch") if k in last}
     if labelled:
         summary["labelled_images"] = len(labelled)
+    summary.update(restored)
     ctx.write_metrics({**summary, "history": state["history"]})
     return summary

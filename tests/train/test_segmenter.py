@@ -15,6 +15,7 @@ from ray_wsss.data.transforms import SegTrainTransform, joint_scale_crop, unsure
 from ray_wsss.evaluate import ConfusionMatrix
 from ray_wsss.models.deeplab import build_segmenter
 from ray_wsss.train.segmenter import (label_pixel_counts, median_frequency_weights,
+                                      restore_lost_tags, restore_lost_tags_batch,
                                       segmentation_loss)
 
 
@@ -104,6 +105,109 @@ def test_a_target_label_beyond_the_dataset_names_the_image():
                             "target": np.array([encode_mask(np.ones((2, 2), np.uint8)),
                                                 encode_mask(np.full((2, 2), 7, np.uint8))],
                                                object)}, "target", 4)
+
+
+def _restored_by_loops(target, round_one, tags, mode):
+    """loop.fallback pixel by pixel: the reference for restore_lost_tags."""
+    h, w = target.shape
+    tagged = [c + 1 for c, v in enumerate(tags) if v]
+    held = {int(target[y, x]) for y in range(h) for x in range(w)}
+    lost = [c for c in tagged if c not in held]
+    out = target.copy()
+    if mode == "image":
+        return round_one.copy() if tagged and len(lost) == len(tagged) else out
+    for y in range(h):
+        for x in range(w):
+            if int(round_one[y, x]) in lost:
+                out[y, x] = round_one[y, x]
+    return out
+
+
+def test_the_fallback_puts_back_round_one_pixels_of_the_tags_the_model_lost():
+    """Self-training's loop.fallback on a hand example: tags {class 0, 1, 2} (labels
+    1..3); the model's target holds label 1 only, round 1's mask labels 2 in a thin
+    column and 3 nowhere; label 4 (untagged) in round 1's mask never comes back."""
+    target = np.zeros((4, 5), np.uint8)
+    target[:, :2] = 1
+    round_one = np.zeros((4, 5), np.uint8)
+    round_one[:, 1] = 1
+    round_one[:, 3] = 2
+    round_one[0, 4] = 4
+    tags = np.array([1, 1, 1, 0], np.uint8)
+    out, n = restore_lost_tags(target, round_one, tags, "class")
+    expected = target.copy()
+    expected[:, 3] = 2
+    assert n == 1 and np.array_equal(out, expected)
+    assert np.array_equal(out, _restored_by_loops(target, round_one, tags, "class"))
+    # a tag held by the model is never overwritten; `image` leaves a target with a tag
+    assert restore_lost_tags(target, round_one, tags, "image")[1] == 0
+    # a target with none of the tags: `image` gives round 1 whole, `class` its tagged part
+    empty = np.zeros((4, 5), np.uint8)
+    out, n = restore_lost_tags(empty, round_one, tags, "image")
+    assert n == 2 and np.array_equal(out, round_one)
+    out, n = restore_lost_tags(empty, round_one, tags, "class")
+    assert n == 2 and np.array_equal(out, _restored_by_loops(empty, round_one, tags, "class"))
+    assert out[0, 4] == 0 and (out[:, 3] == 2).all()
+    # an untagged image, and `none`, are left alone
+    assert restore_lost_tags(empty, round_one, np.zeros(4, np.uint8), "image")[1] == 0
+    assert restore_lost_tags(empty, round_one, tags, "none")[1] == 0
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        t, r = rng.integers(0, 5, (2, 6, 7)).astype(np.uint8)
+        tg = rng.integers(0, 2, 4).astype(np.uint8)
+        for mode in ("class", "image"):
+            assert np.array_equal(restore_lost_tags(t, r, tg, mode)[0],
+                                  _restored_by_loops(t, r, tg, mode))
+
+
+def test_the_fallback_names_the_image_whose_round_one_mask_differs_in_size():
+    batch = {"image_id": np.array(["a", "b"], object),
+             "label_vector": np.array([[1, 0], [0, 1]], np.uint8),
+             "prediction_crf": np.array([encode_mask(np.zeros((3, 4), np.uint8))] * 2, object),
+             "pseudo_mask": np.array([encode_mask(np.full((3, 4), 1, np.uint8)),
+                                      encode_mask(np.zeros((4, 4), np.uint8))], object)}
+    with pytest.raises(Exception, match=r"row b: prediction_crf is 4x3, its round-1 mask"):
+        restore_lost_tags_batch(batch, "class", "prediction_crf", "pseudo_mask")
+
+
+def test_the_fallback_join_puts_back_the_classes_erased_from_the_targets(tiny_run,
+                                                                         tmp_path):
+    """training_rows with loop.fallback: class, on the tiny run's CRF masks as round 1's
+    and, as the previous round's predictions, the same masks with one tagged class erased
+    (painted background) on every other train image: the join must give the CRF masks
+    back exactly, and count one class on each of those images."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ray_wsss.config import replace
+    from ray_wsss.data.codecs import decode_mask
+    from ray_wsss.data.dataset import read_table
+    from ray_wsss.train.segmenter import training_rows
+
+    crf = tiny_run.step_path("crf")
+    rows = read_table(crf, ["image_id", "pseudo_mask", "label_vector"], ["train"]).to_pylist()
+    erased, predictions = set(), []
+    for i, row in enumerate(rows):
+        mask = decode_mask(row["pseudo_mask"])
+        held = [c + 1 for c, v in enumerate(row["label_vector"]) if v and (mask == c + 1).any()]
+        if i % 2 == 0 and held:
+            mask = np.where(mask == held[0], 0, mask).astype(np.uint8)
+            erased.add(row["image_id"])
+        predictions.append({"image_id": row["image_id"], "prediction_crf": encode_mask(mask)})
+    os.makedirs(tmp_path / "pred")
+    pq.write_table(pa.Table.from_pylist(predictions), tmp_path / "pred" / "part-0.parquet")
+    config = replace(tiny_run.config, **{"loop.feedback": "labels", "loop.fallback": "class"})
+    stats: dict = {}
+    out = training_rows(config, tiny_run.dataset_path, str(tmp_path / "pred"), None,
+                        "prediction_crf", fallback_dir=crf, stats=stats).to_pandas()
+    truth = {r["image_id"]: r["pseudo_mask"] for r in rows}
+    assert len(out) == len(rows) and len(erased) >= len(rows) // 3
+    assert stats == {"restored_classes": len(erased), "restored_images": len(erased),
+                     "fallback_rows": len(rows)}
+    for image_id, target, n in zip(out.image_id, out.prediction_crf, out.restored):
+        assert np.array_equal(decode_mask(target), decode_mask(truth[image_id])), image_id
+        assert n == (image_id in erased)
+    assert "pseudo_mask" not in out
 
 
 def test_a_small_fit_learns_the_demo_masks():
