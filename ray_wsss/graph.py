@@ -115,7 +115,8 @@ def _pct_from_classifier(config) -> bool:
 
 def _fallback_on(config) -> bool:
     """Self-training whose targets take round 1's masks where the model lost its tags."""
-    return config.loop.feedback == "labels" and config.loop.fallback != "none"
+    return config.loop.feedback == "labels" and config.loop.fallback != "none" and \
+        _masks_from_cams(config)
 
 
 def _labelled_images(config) -> bool:

@@ -352,6 +352,7 @@ class RunLock:
             try:
                 misses = self._beat_once(misses)
             except Exception as exc:  # noqa: BLE001 - a storage hiccup must not end the beat
+                misses = 0  # counted in a row only: this beat read no unreadable file
                 print(f"[ray-wsss] warning: {self.root}: cannot refresh the run lock's "
                       f"heartbeat: {exc}", file=sys.stderr, flush=True)
             if self._lost:

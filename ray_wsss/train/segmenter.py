@@ -55,6 +55,9 @@ def ground_truth_for(batch: dict, labelled: Sequence[str], column: str) -> dict:
     joined for the unsure band, dropped (ground truth has no unsure band)."""
     keep = frozenset(labelled)
     out = {k: v for k, v in batch.items() if k != "mask"}
+    if "restored" in batch:  # loop.fallback: nothing restored where the truth is learned
+        out["restored"] = np.where([str(i) in keep for i in batch["image_id"]], 0,
+                                   batch["restored"])
     target = np.empty(len(batch[column]), dtype=object)
     target[:] = list(batch[column])
     cams = None
@@ -79,14 +82,15 @@ def restore_lost_tags(target: np.ndarray, round_one: np.ndarray, tags: np.ndarra
     the model lost the image's tags (`tags`: its multi-hot label vector, K; label k + 1 is
     class k). `class`: every tagged class the target holds no pixel of takes its round-1
     pixels; `image`: a target holding none of the tags becomes the round-1 mask whole.
-    Returns the new target and how many classes came back (`image`: all of round 1's)."""
+    Returns the new target and how many of the lost tags came back (0: the target is
+    returned as it was; round 1 lost them too)."""
     tagged = np.flatnonzero(np.asarray(tags) > 0) + 1
     if mode == "none" or not len(tagged):
         return target, 0
     lost = tagged[~np.isin(tagged, target)]
     back = lost[np.isin(lost, round_one)]
     if mode == "image":
-        if len(lost) < len(tagged):
+        if len(lost) < len(tagged) or not len(back):
             return target, 0
         return round_one.copy(), len(back)
     if mode != "class":

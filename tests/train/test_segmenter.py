@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ray_wsss.config import ModelConfig
-from ray_wsss.data.codecs import encode_image, encode_mask
+from ray_wsss.data.codecs import decode_mask, encode_image, encode_mask
 from ray_wsss.data.demo import render
 from ray_wsss.data.transforms import SegTrainTransform, joint_scale_crop, unsure_to_ignore
 from ray_wsss.evaluate import ConfusionMatrix
@@ -115,7 +115,8 @@ def _restored_by_loops(target, round_one, tags, mode):
     lost = [c for c in tagged if c not in held]
     out = target.copy()
     if mode == "image":
-        return round_one.copy() if tagged and len(lost) == len(tagged) else out
+        back = [c for c in lost if (round_one == c).any()]
+        return round_one.copy() if tagged and len(lost) == len(tagged) and back else out
     for y in range(h):
         for x in range(w):
             if int(round_one[y, x]) in lost:
@@ -148,8 +149,10 @@ def test_the_fallback_puts_back_round_one_pixels_of_the_tags_the_model_lost():
     out, n = restore_lost_tags(empty, round_one, tags, "class")
     assert n == 2 and np.array_equal(out, _restored_by_loops(empty, round_one, tags, "class"))
     assert out[0, 4] == 0 and (out[:, 3] == 2).all()
-    # an untagged image, and `none`, are left alone
+    # an untagged image, and `none`, are left alone; so is a target whose tags round 1
+    # lost too
     assert restore_lost_tags(empty, round_one, np.zeros(4, np.uint8), "image")[1] == 0
+    assert restore_lost_tags(empty, round_one, np.array([0, 0, 1, 0]), "image")[0] is empty
     assert restore_lost_tags(empty, round_one, tags, "none")[1] == 0
     rng = np.random.default_rng(0)
     for _ in range(50):
@@ -158,6 +161,35 @@ def test_the_fallback_puts_back_round_one_pixels_of_the_tags_the_model_lost():
         for mode in ("class", "image"):
             assert np.array_equal(restore_lost_tags(t, r, tg, mode)[0],
                                   _restored_by_loops(t, r, tg, mode))
+
+
+def test_the_fallback_batch_replaces_a_target_without_its_tags_in_image_mode():
+    first = np.zeros((3, 4), np.uint8)
+    first[1:, 2:] = 2
+    held = np.ones((3, 4), np.uint8)
+    batch = {"image_id": np.array(["a", "b"], object),
+             "label_vector": np.array([[0, 1], [1, 1]], np.uint8),
+             "prediction_crf": np.array([encode_mask(np.zeros((3, 4), np.uint8)),
+                                         encode_mask(held)], object),
+             "pseudo_mask": np.array([encode_mask(first)] * 2, object)}
+    out = restore_lost_tags_batch(batch, "image", "prediction_crf", "pseudo_mask")
+    assert "pseudo_mask" not in out and out["restored"].tolist() == [1, 0]
+    assert np.array_equal(decode_mask(out["prediction_crf"][0]), first)
+    assert out["prediction_crf"][1] is batch["prediction_crf"][1]  # b holds class 0
+    batch["pseudo_mask"][1] = None
+    with pytest.raises(Exception, match=r"row b: no round-1 mask \(pseudo_mask\)"):
+        restore_lost_tags_batch(batch, "image", "prediction_crf", "pseudo_mask")
+
+
+def test_a_pixel_labelled_image_counts_nothing_restored():
+    from ray_wsss.train.segmenter import ground_truth_for
+
+    mask = encode_mask(np.ones((2, 2), np.uint8))
+    out = ground_truth_for({"image_id": np.array(["a", "b"], object),
+                            "t": np.array([b"x", b"y"], object),
+                            "mask": np.array([mask, mask], object),
+                            "restored": np.array([2, 1])}, ["b"], "t")
+    assert out["restored"].tolist() == [2, 0] and out["t"].tolist() == [b"x", mask]
 
 
 def test_the_fallback_names_the_image_whose_round_one_mask_differs_in_size():
@@ -180,7 +212,6 @@ def test_the_fallback_join_puts_back_the_classes_erased_from_the_targets(tiny_ru
     import pyarrow.parquet as pq
 
     from ray_wsss.config import replace
-    from ray_wsss.data.codecs import decode_mask
     from ray_wsss.data.dataset import read_table
     from ray_wsss.train.segmenter import training_rows
 
