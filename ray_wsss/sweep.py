@@ -16,6 +16,12 @@ space:
   cams.scales: {choice: [[1.0], [1.0, 0.5, 1.5]]}
 ```
 
+Keys that only make sense together are one `choice` of mappings for their section: each
+mapping sets the keys it names, the others keep the config's values (tuning/iterations.yaml
+picks the loop's variants so). Before a trial runs, every combination of the discrete
+choices is checked as `ray-wsss run` would check it, so a point that makes an invalid
+config stops the sweep at once, named.
+
 Trainables:
 - `refine`: seeds + dense CRF + evaluation on stored maps of the images with ground
   truth (keys of `seeds`, `crf`, and the TTA `cams.scales` / `cams.flip`). Cheap: the
@@ -45,7 +51,9 @@ import csv
 import functools
 import hashlib
 import io
+import itertools
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -218,10 +226,47 @@ def base_point(spec: SweepSpec, config: PipelineConfig) -> dict:
 
 
 def apply_point(config: PipelineConfig, point: dict, **extra: Any) -> PipelineConfig:
+    """`config` with the point's values. A mapping value is a section's variant: it sets
+    the keys it names in that section (no config field holds a mapping) and leaves the
+    others as they are."""
     data = copy.deepcopy(to_dict(config))
     for key, value in {**point, **extra}.items():
-        apply_override(data, f"{key}={json.dumps(_decode(value))}")
+        value = _decode(value)
+        for sub, v in (value.items() if isinstance(value, dict) else [(None, value)]):
+            apply_override(data, f"{key if sub is None else f'{key}.{sub}'}={json.dumps(v)}")
     return from_dict(PipelineConfig, data)
+
+
+#: more combinations of discrete choices than this are checked one key at a time
+MAX_CHECKED_POINTS = 512
+
+
+def check_space(spec: SweepSpec, config: PipelineConfig) -> int:
+    """Every combination of the space's discrete values (`choice`, `grid`; the other keys
+    at the config's values) made into the config a trial would run, and checked as a
+    config at load is: an invalid point raises ConfigError naming it, before Tune
+    starts. Returns the number of points checked."""
+    from .validate import validate
+
+    discrete = {key: args for key, dom in spec.space.items()
+                for kind, args in dom.items() if kind in ("choice", "grid")}
+    if math.prod(len(v) for v in discrete.values()) <= MAX_CHECKED_POINTS:
+        points = [dict(zip(discrete, combo)) for combo in itertools.product(*discrete.values())]
+    else:
+        points = [{key: v} for key, values in discrete.items() for v in values]
+    for point in points:
+        try:
+            trial = apply_point(config, {k: _encode(v) for k, v in point.items()})
+            if spec.trainable == "iterations":
+                trial = loop_trial_config(trial, spec.max_rounds)
+            validate(trial)
+        except ConfigError as exc:
+            raise ConfigError(
+                f"sweep {spec.name}: the point {json.dumps(point)} makes an invalid config: "
+                f"{exc} (keys that only go together: one choice of mappings for their "
+                f"section, e.g. `loop: {{choice: [{{feedback: labels, fallback: class}}, "
+                f"...]}}`)") from None
+    return len(points)
 
 
 def _searcher(spec: SweepSpec, points: list[dict]):
@@ -421,6 +466,15 @@ def self_training(config):
     return replace(config, **{"predict.crf": True, "predict.splits": tuple(splits)})
 
 
+def loop_trial_config(config: PipelineConfig, rounds: int) -> PipelineConfig:
+    """The config an iterations trial runs for `rounds` rounds (self-training made fit)."""
+    from .config import replace
+
+    if config.loop.feedback == "labels":  # self-training learns from CRF-refined predictions
+        config = self_training(config)
+    return replace(config, **{"loop.rounds": rounds})
+
+
 def iterations_trial(point: dict, ctx: dict) -> None:
     """The iterative loop in the trial's own run directory, one round at a time, each
     round a Tune report (training iteration = round): ASHA may stop a poor trial after
@@ -434,9 +488,8 @@ def iterations_trial(point: dict, ctx: dict) -> None:
 
     trial = tune.get_context().get_trial_id()
     root = storage.join(ctx["sweep_dir"], "runs", trial)
-    config = apply_point(ctx["config"], point, **{"run_dir": root, "report.num_images": 0})
-    if config.loop.feedback == "labels":  # self-training learns from CRF-refined predictions
-        config = self_training(config)
+    config = loop_trial_config(apply_point(
+        ctx["config"], point, **{"run_dir": root, "report.num_images": 0}), ctx["max_rounds"])
     seed_steps(ctx["run_root"], root, config, ctx["max_rounds"])
     best = (np.nan, 0)
     for t in range(1, ctx["max_rounds"] + 1):
@@ -593,6 +646,7 @@ def run_sweep(config: PipelineConfig, run: Run, spec: SweepSpec, force: bool = F
         raise ConfigError(f"sweep {spec.name}: classifier.num_workers is 0 (Ray Train's "
                           "local mode), which cannot report each epoch to Tune; set it to "
                           "1 or more")
+    check_space(spec, config)
     info = run.dataset_info()
     key = sweep_key(spec, config, run)
     exp = f"{spec.name}-{key}"

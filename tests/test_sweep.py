@@ -34,6 +34,44 @@ def test_shipped_sweeps_are_valid():
     assert load_spec("walk", {"space": {"random_walk.crf.iterations": {"choice": [0, 1]}}})
 
 
+def test_a_section_choice_sets_the_keys_it_names_and_every_point_is_checked(tmp_path):
+    """A mapping in a choice sets the keys it names in its section and keeps the others;
+    `check_space` makes every combination of the discrete choices into the config a
+    trial runs and rejects an invalid one (a fallback without self-training) by name."""
+    from ray_wsss.sweep import apply_point, check_space
+
+    from .conftest import tiny_config
+
+    config = tiny_config(str(tmp_path), ["loop.warm_start=true", "loop.alpha=[2.0]"])
+    out = apply_point(config, {"loop": json.dumps({"feedback": "labels", "fallback": "class"}),
+                               "crf.iterations": 4})
+    assert (out.loop.feedback, out.loop.fallback, out.crf.iterations) == ("labels", "class", 4)
+    assert out.loop.warm_start is True and out.loop.alpha == (2.0,)   # kept
+    assert out.loop.prior == config.loop.prior and out.cams == config.cams
+
+    shipped = load_spec(os.path.join(REPO, "tuning", "iterations.yaml"))
+    assert check_space(shipped, config) == 5
+    variants = {json.dumps(v, sort_keys=True) for v in shipped.space["loop"]["grid"]}
+    assert len(variants) == 5
+    # independent keys: the product holds fallback: class with the diagram's feedback
+    loose = load_spec("iterations", {"space": {
+        "loop.feedback": {"choice": ["prior", "labels"]},
+        "loop.fallback": {"choice": ["none", "class"]}}})
+    with pytest.raises(ConfigError, match=r'the point \{"loop.feedback": "prior", '
+                       r'"loop.fallback": "class"\} makes an invalid config: '
+                       r"loop.fallback: class .* set loop.feedback: labels"):
+        check_space(loose, config)
+    # a refine sweep's points are checked too: an out-of-range choice is named
+    bad = load_spec("thresholds", {"space": {"crf.iterations": {"grid": [3, -1]}}})
+    with pytest.raises(ConfigError, match=r'\{"crf.iterations": -1\}.*below the minimum 0'):
+        check_space(bad, config)
+    # past MAX_CHECKED_POINTS combinations each value is checked alone
+    many = load_spec("thresholds", {"space": {
+        f"crf.{k}": {"choice": list(range(1, 10))}
+        for k in ("iterations", "gaussian_sxy", "bilateral_sxy")}})
+    assert check_space(many, config) == 27
+
+
 def test_the_sweep_key_follows_what_the_trials_read(tiny_run, tmp_path):
     """The key naming a sweep's Tune experiment and map cache: stable for the same run
     and config (a killed sweep resumes), new when a step the trials read was refitted
