@@ -62,7 +62,7 @@ import numpy as np
 import yaml
 
 from . import storage
-from .config import PipelineConfig, apply_override, from_dict, to_dict
+from .config import PipelineConfig, from_dict, set_key, to_dict
 from .errors import ConfigError, StageError
 from .run import Run
 from .runtime import write_parquet
@@ -214,26 +214,67 @@ def tune_space(spec: SweepSpec) -> dict:
 
 
 def base_point(spec: SweepSpec, config: PipelineConfig) -> dict:
-    """The current config's values of the swept keys (the first trial)."""
+    """The current config's values of the swept keys (the first trial). A `choice` or
+    `grid` key takes the first of its values that leaves the config as it is, when one
+    does (a section's mapping that names the config's own values is that mapping, so the
+    base trial is one of the choices, as Optuna and HyperOpt require); a section swept by
+    mappings none of which matches takes the config's values of the keys they name."""
     flat = to_dict(config)
     point = {}
-    for key in spec.space:
+    for key, dom in spec.space.items():
+        (kind, args), = dom.items()
         node = flat
         for part in key.split("."):
             node = node[part]
+        if kind in ("choice", "grid"):
+            same = [a for a in args if apply_point(config, {key: _encode(a)}) == config]
+            if same:
+                node = same[0]
+            elif isinstance(node, dict):
+                node = _pick(node, [a for a in args if isinstance(a, dict)])
         point[key] = _encode(node)
     return point
 
 
+def _pick(values: dict, mappings: list[dict]) -> dict:
+    """`values` cut to the (nested) keys that any of `mappings` names."""
+    out = {}
+    for k in values:
+        named = [m[k] for m in mappings if k in m]
+        if named:
+            sub = [m for m in named if isinstance(m, dict)]
+            out[k] = _pick(values[k], sub) if sub and isinstance(values[k], dict) else values[k]
+    return out
+
+
+def _flatten(key: str, value: Any) -> list[tuple[str, Any]]:
+    """A section's mapping as dotted keys, nested sections included."""
+    if not isinstance(value, dict):
+        return [(key, value)]
+    return [pair for sub, v in value.items() for pair in _flatten(f"{key}.{sub}", v)]
+
+
+def first_points(spec: SweepSpec, config: PipelineConfig) -> tuple[list[dict], int]:
+    """Tune's `points_to_evaluate` and `num_samples`: the base config's point first. Tune
+    spends one sample on each such point, and with a `grid` in the space a sample is the
+    whole grid: so the base point is left out when the grid holds it (every key's base
+    value is one of its values) and otherwise runs beside `num_samples` grids."""
+    base = base_point(spec, config)
+    if not any(kind == "grid" for dom in spec.space.values() for kind in dom):
+        return [base], spec.num_samples
+    held = all(kind in ("choice", "grid") and _decode(base[key]) in args
+               for key, dom in spec.space.items() for kind, args in dom.items())
+    return ([], spec.num_samples) if held else ([base], spec.num_samples + 1)
+
+
 def apply_point(config: PipelineConfig, point: dict, **extra: Any) -> PipelineConfig:
     """`config` with the point's values. A mapping value is a section's variant: it sets
-    the keys it names in that section (no config field holds a mapping) and leaves the
-    others as they are."""
+    the keys it names in that section, nested sections included (no config field holds
+    a mapping), and leaves the others as they are."""
     data = copy.deepcopy(to_dict(config))
     for key, value in {**point, **extra}.items():
-        value = _decode(value)
-        for sub, v in (value.items() if isinstance(value, dict) else [(None, value)]):
-            apply_override(data, f"{key if sub is None else f'{key}.{sub}'}={json.dumps(v)}")
+        for dotted, v in _flatten(key, _decode(value)):
+            set_key(data, dotted, v)   # (not YAML text: YAML 1.1 reads 1e-05 as a string)
     return from_dict(PipelineConfig, data)
 
 
@@ -242,18 +283,20 @@ MAX_CHECKED_POINTS = 512
 
 
 def check_space(spec: SweepSpec, config: PipelineConfig) -> int:
-    """Every combination of the space's discrete values (`choice`, `grid`; the other keys
-    at the config's values) made into the config a trial would run, and checked as a
-    config at load is: an invalid point raises ConfigError naming it, before Tune
-    starts. Returns the number of points checked."""
+    """Every combination of the space's values (each `choice` and `grid` value, both
+    bounds of a range) made into the config a trial would run, and checked as a config
+    at load is: an invalid point raises ConfigError naming it, before Tune starts. Past
+    MAX_CHECKED_POINTS combinations each value is checked with the other keys at their
+    first value. Returns the number of points checked."""
     from .validate import validate
 
-    discrete = {key: args for key, dom in spec.space.items()
-                for kind, args in dom.items() if kind in ("choice", "grid")}
-    if math.prod(len(v) for v in discrete.values()) <= MAX_CHECKED_POINTS:
-        points = [dict(zip(discrete, combo)) for combo in itertools.product(*discrete.values())]
+    values = {key: (list(args) if kind in ("choice", "grid") else list(args[:2]))
+              for key, dom in spec.space.items() for kind, args in dom.items()}
+    if math.prod(len(v) for v in values.values()) <= MAX_CHECKED_POINTS:
+        points = [dict(zip(values, combo)) for combo in itertools.product(*values.values())]
     else:
-        points = [{key: v} for key, values in discrete.items() for v in values]
+        first = {key: v[0] for key, v in values.items()}
+        points = [{**first, key: v} for key, vs in values.items() for v in vs]
     for point in points:
         try:
             trial = apply_point(config, {k: _encode(v) for k, v in point.items()})
@@ -266,6 +309,15 @@ def check_space(spec: SweepSpec, config: PipelineConfig) -> int:
                 f"{exc} (keys that only go together: one choice of mappings for their "
                 f"section, e.g. `loop: {{choice: [{{feedback: labels, fallback: class}}, "
                 f"...]}}`)") from None
+    if spec.search in ("optuna", "hyperopt"):
+        base = base_point(spec, config)
+        for key, dom in spec.space.items():
+            for kind, args in dom.items():
+                if kind in ("choice", "grid") and _decode(base[key]) not in args:
+                    raise ConfigError(
+                        f"sweep {spec.name}: search: {spec.search} starts from the config's "
+                        f"own point, and its {key} {base[key]} is none of the choices of "
+                        f"space.{key}: add it, or use search: random")
     return len(points)
 
 
@@ -687,11 +739,12 @@ def run_sweep(config: PipelineConfig, run: Run, spec: SweepSpec, force: bool = F
                                       max_t=max(horizon, spec.grace_period))
         elif spec.scheduler is not None:
             raise ConfigError(f"sweep {spec.name}: scheduler must be asha or null")
+        points, num_samples = first_points(spec, config)
         tuner = tune.Tuner(
             trainable, param_space=tune_space(spec),
             tune_config=tune.TuneConfig(
-                search_alg=_searcher(spec, [base_point(spec, config)]), scheduler=scheduler,
-                num_samples=spec.num_samples, max_concurrent_trials=spec.max_concurrent,
+                search_alg=_searcher(spec, points), scheduler=scheduler,
+                num_samples=num_samples, max_concurrent_trials=spec.max_concurrent,
                 **({} if scheduler else {"metric": spec.metric, "mode": spec.mode})),
             run_config=tune.RunConfig(name=exp, storage_path=tune_dir, verbose=1))
     grid = tuner.fit()
@@ -720,6 +773,9 @@ def _collect(config, run: Run, spec: SweepSpec, grid, sweep_dir: str) -> dict:
     base = next((r for r in rows if r["params"] == {k: _decode(v) for k, v in default.items()}),
                 None)
     best_config = apply_point(config, {k: _encode(v) for k, v in best["params"].items()})
+    if spec.trainable == "iterations":  # the best round's config, runnable as it stands
+        best_config = loop_trial_config(
+            best_config, int(best["metrics"].get("best_round") or spec.max_rounds))
     results = {"name": spec.name, "trainable": spec.trainable, "metric": spec.metric,
                "mode": spec.mode, "search": spec.search, "space": spec.space,
                "best": best, "base": base, "trials": rows}

@@ -29,6 +29,15 @@ def test_overrides_are_typed_and_dotted():
                              "model.pretrained=null", "run_dir=/tmp/x"])
     assert cfg.classifier.epochs == 3 and cfg.cams.scales == (1.0, 2.0)
     assert cfg.cams.flip is False and cfg.model.pretrained is None and cfg.run_dir == "/tmp/x"
+    # YAML 1.1 (PyYAML) reads an exponent without a dot as a string: numbers all the same
+    cfg = load_config(None, ["classifier.weight_decay=1e-4", "classifier.lr=2E+1",
+                             "crf.score_temperature=.5e1", "explain.road_percentiles=[1e1]"])
+    assert (cfg.classifier.weight_decay, cfg.classifier.lr) == (1e-4, 20.0)
+    assert cfg.crf.score_temperature == 5.0 and cfg.explain.road_percentiles == (10.0,)
+    with pytest.raises(ConfigError, match=r"classifier\.lr: expected a number, got '1e-4x'"):
+        load_config(None, ["classifier.lr=1e-4x"])
+    with pytest.raises(ConfigError, match=r"classifier\.epochs: expected an integer, got '1e2'"):
+        load_config(None, ["classifier.epochs=1e2"])
 
 
 @pytest.mark.parametrize("override,match", [

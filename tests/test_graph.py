@@ -205,7 +205,7 @@ def test_self_training_rounds_refit_the_model_on_the_last_predictions_only(tmp_p
     1's classifier, and its predictions read it."""
     config = load_config(os.path.join(REPO, "configs", "demo.yaml"),
                          [f"run_dir={tmp_path}", "loop.rounds=3", "loop.feedback=labels",
-                          "predict.crf=true"])
+                          "predict.crf=true", "predict.splits=[val,train]"])
     keys = [s.key for s in steps(config.loop)]
     assert [k for k in keys if k.endswith("@2")] == ["segmenter@2", "predict@2"]
     assert [k for k in keys if k.endswith("@3")] == ["segmenter@3", "predict@3"]
@@ -221,7 +221,8 @@ def test_the_fallback_reads_round_one_masks_in_later_rounds_and_leaves_round_one
     """loop.fallback (self-training): the segmenter of rounds 2.. also reads round 1's
     CRF masks and hashes the fallback; round 1's steps, and the self-training run
     without a fallback, keep their hashes (finished rounds are reused)."""
-    base = ["run_dir=/tmp/r", "loop.rounds=3", "loop.feedback=labels", "predict.crf=true"]
+    base = ["run_dir=/tmp/r", "loop.rounds=3", "loop.feedback=labels", "predict.crf=true",
+            "predict.splits=[val,train]"]
     demo = os.path.join(REPO, "configs", "demo.yaml")
     runs = {m: Run(load_config(demo, base + ([f"loop.fallback={m}"] if m else [])))
             for m in (None, "none", "class", "image")}

@@ -116,13 +116,15 @@ def test_raising_rounds_reuses_the_earlier_rounds_and_alpha_reruns_from_round_tw
 
 def test_the_iterations_sweep_reports_every_round(loop_run, ray_local):
     """The base point's trial copies the base run's two rounds (same hashes) and reports
-    round by round; the sweep's best T is the round with the best model mIoU."""
+    round by round; the sweep's best T is the round with the best model mIoU. The space
+    is a choice of loop mappings, as in tuning/iterations.yaml."""
     from ray_wsss.sweep import SweepSpec, run_sweep
 
     root, _, _ = loop_run
     config = micro_config(root, ["loop.rounds=2"])
     spec = SweepSpec(name="iterations", trainable="iterations", metric="model_miou",
-                     space={"loop.prior": {"choice": ["sum"]}}, num_samples=1,
+                     space={"loop": {"choice": [{"prior": "sum", "fallback": "none"}]}},
+                     num_samples=1,
                      search="random", max_rounds=2, max_concurrent=1, cpus_per_trial=0)
     result = run_sweep(config, Run(config), spec)
     trial_dirs = glob.glob(os.path.join(root, "sweeps", "iterations", "runs", "*"))
@@ -132,6 +134,7 @@ def test_the_iterations_sweep_reports_every_round(loop_run, ray_local):
     base = json.load(open(os.path.join(root, "metrics.json")))
     assert trial_metrics["predict@2"] == base["predict@2"]
     row = result["rows"][0]
+    assert row["params"]["loop"]["prior"] == "sum"    # the base point: its whole section
     assert row["epochs"] == 2          # one Tune result per round
     per_round = [base["predict"]["scores"]["val"]["prediction"]["miou"],
                  base["predict@2"]["scores"]["val"]["prediction"]["miou"]]

@@ -22,9 +22,16 @@ pytestmark = pytest.mark.slow
 
 
 def test_shipped_sweeps_are_valid():
+    from ray_wsss.sweep import check_space
+
+    demo, tiles = (load_config(os.path.join(REPO, "configs", c))
+                   for c in ("demo.yaml", "camvid_tiles.yaml"))
     for name in ("thresholds", "regularizers", "iterations", "walk"):
         spec = load_spec(os.path.join(REPO, "tuning", f"{name}.yaml"))
         assert spec.space and spec.metric
+        # every point of the space makes a valid config (the bounds of its ranges too)
+        assert check_space(spec, demo) >= len(spec.space)
+    assert check_space(spec, tiles) >= 1          # (a few seconds for each config)
     with pytest.raises(ConfigError, match="cannot vary in a refine sweep"):
         load_spec("thresholds", {"space": {"classifier.lr": {"uniform": [0.1, 1]}}})
     # a walk sweep varies the walk, not its switch or the actors
@@ -35,24 +42,44 @@ def test_shipped_sweeps_are_valid():
 
 
 def test_a_section_choice_sets_the_keys_it_names_and_every_point_is_checked(tmp_path):
-    """A mapping in a choice sets the keys it names in its section and keeps the others;
-    `check_space` makes every combination of the discrete choices into the config a
-    trial runs and rejects an invalid one (a fallback without self-training) by name."""
-    from ray_wsss.sweep import apply_point, check_space
+    """A mapping in a choice sets the keys it names in its section (nested ones too) and
+    keeps the others; `check_space` makes every combination of the space's values into
+    the config a trial runs and rejects an invalid one (a fallback without
+    self-training) by name; Tune runs the shipped loop grid once per variant."""
+    from ray.tune.search.basic_variant import _count_variants
+
+    from ray_wsss.sweep import apply_point, base_point, check_space, first_points, tune_space
 
     from .conftest import tiny_config
 
-    config = tiny_config(str(tmp_path), ["loop.warm_start=true", "loop.alpha=[2.0]"])
+    config = tiny_config(str(tmp_path), ["loop.warm_start=true", "loop.alpha=[2.0]",
+                                         "regularizers.puzzle.alpha_schedule=0.25"])
     out = apply_point(config, {"loop": json.dumps({"feedback": "labels", "fallback": "class"}),
-                               "crf.iterations": 4})
+                               "crf.iterations": 4,
+                               "regularizers": json.dumps({"puzzle": {"alpha": 4.0}})})
     assert (out.loop.feedback, out.loop.fallback, out.crf.iterations) == ("labels", "class", 4)
     assert out.loop.warm_start is True and out.loop.alpha == (2.0,)   # kept
     assert out.loop.prior == config.loop.prior and out.cams == config.cams
+    assert (out.regularizers.puzzle.alpha, out.regularizers.puzzle.alpha_schedule) == (4.0, 0.25)
 
     shipped = load_spec(os.path.join(REPO, "tuning", "iterations.yaml"))
+    variants = shipped.space["loop"]["grid"]
+    assert len({json.dumps(v, sort_keys=True) for v in variants}) == 5
     assert check_space(shipped, config) == 5
-    variants = {json.dumps(v, sort_keys=True) for v in shipped.space["loop"]["grid"]}
-    assert len(variants) == 5
+    # the demo's loop is the first variant: the grid holds the base point, 5 trials
+    plain = tiny_config(str(tmp_path))
+    points, samples = first_points(shipped, plain)
+    assert points == [] and samples == 1
+    assert json.loads(base_point(shipped, plain)["loop"]) == variants[0]
+    assert _count_variants({"config": tune_space(shipped), "num_samples": samples}, points) == 5
+    assert first_points(shipped, config)[0] == []      # warm-started: the second variant
+    assert json.loads(base_point(shipped, config)["loop"]) == variants[1]
+    # a loop none of them is (warm-started per-class prior): it runs first, then the 5
+    other = tiny_config(str(tmp_path), ["loop.prior=per_class", "loop.warm_start=true"])
+    points, samples = first_points(shipped, other)
+    assert json.loads(points[0]["loop"]) == {"feedback": "prior", "prior": "per_class",
+                                             "warm_start": True, "fallback": "none"}
+    assert _count_variants({"config": tune_space(shipped), "num_samples": samples}, points) == 6
     # independent keys: the product holds fallback: class with the diagram's feedback
     loose = load_spec("iterations", {"space": {
         "loop.feedback": {"choice": ["prior", "labels"]},
@@ -61,15 +88,23 @@ def test_a_section_choice_sets_the_keys_it_names_and_every_point_is_checked(tmp_
                        r'"loop.fallback": "class"\} makes an invalid config: '
                        r"loop.fallback: class .* set loop.feedback: labels"):
         check_space(loose, config)
-    # a refine sweep's points are checked too: an out-of-range choice is named
-    bad = load_spec("thresholds", {"space": {"crf.iterations": {"grid": [3, -1]}}})
-    with pytest.raises(ConfigError, match=r'\{"crf.iterations": -1\}.*below the minimum 0'):
-        check_space(bad, config)
-    # past MAX_CHECKED_POINTS combinations each value is checked alone
-    many = load_spec("thresholds", {"space": {
-        f"crf.{k}": {"choice": list(range(1, 10))}
-        for k in ("iterations", "gaussian_sxy", "bilateral_sxy")}})
-    assert check_space(many, config) == 27
+    # the bounds of a range are checked, and a choice's values
+    for dom in ({"randint": [-1, 5]}, {"grid": [3, -1]}):
+        bad = load_spec("thresholds", {"space": {"crf.iterations": dom}})
+        with pytest.raises(ConfigError, match=r'\{"crf.iterations": -1\}.*below the minimum 0'):
+            check_space(bad, config)
+    # past MAX_CHECKED_POINTS combinations each value is checked with the others at
+    # their first value (not the config's: self-training here, where a fallback is valid)
+    many = load_spec("iterations", {"space": {
+        "loop.feedback": {"choice": ["labels"]}, "loop.fallback": {"choice": ["none", "class"]},
+        **{f"crf.{k}": {"choice": list(range(1, 10))}
+           for k in ("iterations", "gaussian_sxy", "bilateral_sxy")}}})
+    assert check_space(many, config) == 1 + 2 + 27
+    # Optuna starts from the config's own point, which must be one of the choices
+    optuna = load_spec("thresholds", {"search": "optuna",
+                                      "space": {"crf.iterations": {"choice": [3, 5]}}})
+    with pytest.raises(ConfigError, match=r"crf.iterations 10 is none of the choices"):
+        check_space(optuna, plain)
 
 
 def test_the_sweep_key_follows_what_the_trials_read(tiny_run, tmp_path):
