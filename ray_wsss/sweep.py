@@ -19,8 +19,8 @@ space:
 Keys that only make sense together are one `choice` of mappings for their section: each
 mapping sets the keys it names, the others keep the config's values (tuning/iterations.yaml
 picks the loop's variants so). Before a trial runs, every combination of the discrete
-choices is checked as `ray-wsss run` would check it, so a point that makes an invalid
-config stops the sweep at once, named.
+choices and range bounds is checked as `ray-wsss run` would check it, so a point that
+makes an invalid config stops the sweep at once, named.
 
 Trainables:
 - `refine`: seeds + dense CRF + evaluation on stored maps of the images with ground
@@ -167,6 +167,7 @@ def load_spec(name: str, overrides: dict | None = None) -> SweepSpec:
         raise ConfigError(f"{path}: mode must be max or min")
     if spec.cpus_per_trial < 0:
         raise ConfigError(f"{path}: cpus_per_trial must be >= 0")
+    spec.space = {key: _numbers(dom) for key, dom in spec.space.items()}
     for key, dom in spec.space.items():
         if not allowed_key(key, TRAINABLE_SECTIONS[spec.trainable]):
             raise ConfigError(f"{path}: key {key} cannot vary in a {spec.trainable} sweep "
@@ -178,6 +179,20 @@ def load_spec(name: str, overrides: dict | None = None) -> SweepSpec:
 
 
 # ---------------------------------------------------------------- search space
+
+def _numbers(v: Any) -> Any:
+    """Strings PyYAML (YAML 1.1) leaves unread in a sweep file, 1e-5 without a dot, as
+    the numbers they are: Tune's ranges and the choices must hold numbers."""
+    from .config import EXPONENT
+
+    if isinstance(v, str) and EXPONENT.fullmatch(v.strip()):
+        return float(v)
+    if isinstance(v, list):
+        return [_numbers(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _numbers(x) for k, x in v.items()}
+    return v
+
 
 def _encode(v: Any) -> Any:
     """Tune / Optuna categories must be plain values: lists travel as JSON strings."""
@@ -262,7 +277,10 @@ def first_points(spec: SweepSpec, config: PipelineConfig) -> tuple[list[dict], i
     base = base_point(spec, config)
     if not any(kind == "grid" for dom in spec.space.values() for kind in dom):
         return [base], spec.num_samples
-    held = all(kind in ("choice", "grid") and _decode(base[key]) in args
+    # Tune enumerates grid keys and draws the others for each grid point: only a grid
+    # (or a one-value choice) holds the base value for sure
+    held = all((kind == "grid" or (kind == "choice" and len(args) == 1))
+               and _decode(base[key]) in args
                for key, dom in spec.space.items() for kind, args in dom.items())
     return ([], spec.num_samples) if held else ([base], spec.num_samples + 1)
 
@@ -773,9 +791,11 @@ def _collect(config, run: Run, spec: SweepSpec, grid, sweep_dir: str) -> dict:
     base = next((r for r in rows if r["params"] == {k: _decode(v) for k, v in default.items()}),
                 None)
     best_config = apply_point(config, {k: _encode(v) for k, v in best["params"].items()})
-    if spec.trainable == "iterations":  # the best round's config, runnable as it stands
-        best_config = loop_trial_config(
-            best_config, int(best["metrics"].get("best_round") or spec.max_rounds))
+    if spec.trainable == "iterations":  # the ranked round's config, runnable as it stands:
+        # the best round for `best_model_miou`, else the round of the trial's last report
+        ranked = best["metrics"].get("best_round") if spec.metric == "best_model_miou" \
+            else best["epochs"]
+        best_config = loop_trial_config(best_config, int(ranked or spec.max_rounds))
     results = {"name": spec.name, "trainable": spec.trainable, "metric": spec.metric,
                "mode": spec.mode, "search": spec.search, "space": spec.space,
                "best": best, "base": base, "trials": rows}

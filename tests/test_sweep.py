@@ -80,6 +80,18 @@ def test_a_section_choice_sets_the_keys_it_names_and_every_point_is_checked(tmp_
     assert json.loads(points[0]["loop"]) == {"feedback": "prior", "prior": "per_class",
                                              "warm_start": True, "fallback": "none"}
     assert _count_variants({"config": tune_space(shipped), "num_samples": samples}, points) == 6
+    # a choice beside the grid is drawn per grid point: the base point runs on its own
+    mixed = load_spec("iterations", {"space": {**shipped.space,
+                                               "crf.iterations": {"choice": [3, 10]}}})
+    points, samples = first_points(mixed, plain)
+    assert len(points) == 1 and samples == 2
+    # PyYAML reads 1e-5 (no dot) as a string: a sweep file's numbers are numbers
+    spec = load_spec("regularizers", yaml.safe_load(
+        "space: {classifier.weight_decay: {loguniform: [1e-5, 1e-3]},"
+        " classifier.lr: {choice: [1e-2, 0.1]}}"))
+    assert spec.space["classifier.weight_decay"]["loguniform"] == [1e-5, 1e-3]
+    assert spec.space["classifier.lr"]["choice"] == [0.01, 0.1]
+    assert tune_space(spec)["classifier.weight_decay"].lower == 1e-5
     # independent keys: the product holds fallback: class with the diagram's feedback
     loose = load_spec("iterations", {"space": {
         "loop.feedback": {"choice": ["prior", "labels"]},
