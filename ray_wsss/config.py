@@ -683,7 +683,19 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading 1e-4 (an exponent without a dot: a string to YAML
+    1.1) as the float YAML 1.2 and every user mean."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+                              list("-+0123456789."))
+
+
+def read_yaml(text) -> Any:
+    """YAML text or a stream, as config files, overrides and sweep files are read."""
+    return yaml.load(text, Loader=_Loader)
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -731,8 +743,6 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
-        if isinstance(value, str) and EXPONENT.fullmatch(value.strip()):
-            return float(value)   # YAML 1.1 (PyYAML) reads 1e-4, without a dot, as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -772,7 +782,7 @@ def apply_override(data: dict, override: str) -> None:
     key, raw = override.split("=", 1)
     key = key.strip()
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = read_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {key}: cannot parse {raw!r}: {exc}") from None
     set_key(data, key, value)
@@ -798,7 +808,7 @@ def load_config(path: str | None = None, overrides: typing.Iterable[str] = (),
     if path is not None:
         try:
             with open(path, encoding="utf-8") as fh:
-                loaded = yaml.safe_load(fh)
+                loaded = read_yaml(fh)
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
         except yaml.YAMLError as exc:

@@ -62,7 +62,7 @@ import numpy as np
 import yaml
 
 from . import storage
-from .config import PipelineConfig, from_dict, set_key, to_dict
+from .config import PipelineConfig, from_dict, read_yaml, set_key, to_dict
 from .errors import ConfigError, StageError
 from .run import Run
 from .runtime import write_parquet
@@ -150,7 +150,7 @@ def find_spec(name: str) -> str:
 def load_spec(name: str, overrides: dict | None = None) -> SweepSpec:
     path = find_spec(name)
     with open(path, encoding="utf-8") as fh:
-        data = yaml.safe_load(fh) or {}
+        data = read_yaml(fh) or {}
     data.update(overrides or {})
     known = set(SweepSpec.__dataclass_fields__) - {"name", "extra"}
     unknown = sorted(set(data) - known)
@@ -167,7 +167,6 @@ def load_spec(name: str, overrides: dict | None = None) -> SweepSpec:
         raise ConfigError(f"{path}: mode must be max or min")
     if spec.cpus_per_trial < 0:
         raise ConfigError(f"{path}: cpus_per_trial must be >= 0")
-    spec.space = {key: _numbers(dom) for key, dom in spec.space.items()}
     for key, dom in spec.space.items():
         if not allowed_key(key, TRAINABLE_SECTIONS[spec.trainable]):
             raise ConfigError(f"{path}: key {key} cannot vary in a {spec.trainable} sweep "
@@ -179,20 +178,6 @@ def load_spec(name: str, overrides: dict | None = None) -> SweepSpec:
 
 
 # ---------------------------------------------------------------- search space
-
-def _numbers(v: Any) -> Any:
-    """Strings PyYAML (YAML 1.1) leaves unread in a sweep file, 1e-5 without a dot, as
-    the numbers they are: Tune's ranges and the choices must hold numbers."""
-    from .config import EXPONENT
-
-    if isinstance(v, str) and EXPONENT.fullmatch(v.strip()):
-        return float(v)
-    if isinstance(v, list):
-        return [_numbers(x) for x in v]
-    if isinstance(v, dict):
-        return {k: _numbers(x) for k, x in v.items()}
-    return v
-
 
 def _encode(v: Any) -> Any:
     """Tune / Optuna categories must be plain values: lists travel as JSON strings."""

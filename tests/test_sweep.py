@@ -86,9 +86,11 @@ def test_a_section_choice_sets_the_keys_it_names_and_every_point_is_checked(tmp_
     points, samples = first_points(mixed, plain)
     assert len(points) == 1 and samples == 2
     # PyYAML reads 1e-5 (no dot) as a string: a sweep file's numbers are numbers
-    spec = load_spec("regularizers", yaml.safe_load(
+    (tmp_path / "decay.yaml").write_text(
+        "trainable: classifier\nmetric: val_map\n"
         "space: {classifier.weight_decay: {loguniform: [1e-5, 1e-3]},"
-        " classifier.lr: {choice: [1e-2, 0.1]}}"))
+        " classifier.lr: {choice: [1e-2, 0.1]}}\n")
+    spec = load_spec(str(tmp_path / "decay.yaml"))
     assert spec.space["classifier.weight_decay"]["loguniform"] == [1e-5, 1e-3]
     assert spec.space["classifier.lr"]["choice"] == [0.01, 0.1]
     assert tune_space(spec)["classifier.weight_decay"].lower == 1e-5
