@@ -701,11 +701,17 @@ def run_sweep(config: PipelineConfig, run: Run, spec: SweepSpec, force: bool = F
         raise ConfigError(f"sweep {spec.name}: classifier.num_workers is 0 (Ray Train's "
                           "local mode), which cannot report each epoch to Tune; set it to "
                           "1 or more")
-    check_space(spec, config)
     info = run.dataset_info()
     key = sweep_key(spec, config, run)
     exp = f"{spec.name}-{key}"
     tune_dir = storage.join(sweep_dir, "tune")
+    path = storage.join(tune_dir, exp)
+    # a sweep started before is resumed as it was started: its points were checked then
+    # (the spec and config are in its key), and checking them again under rules that
+    # changed since would keep its finished trials from being collected
+    resume = not force and tune.Tuner.can_restore(path)
+    if not resume:
+        check_space(spec, config)
     if force:
         storage.remove(sweep_dir)
     storage.makedirs(sweep_dir)
@@ -726,8 +732,7 @@ def run_sweep(config: PipelineConfig, run: Run, spec: SweepSpec, force: bool = F
                    threads=max(1, spec.cpus_per_trial))
     trainable = tune.with_parameters(TRIALS[spec.trainable], ctx=ctx)
     trainable = tune.with_resources(trainable, trial_resources(spec))
-    path = storage.join(tune_dir, exp)
-    if not force and tune.Tuner.can_restore(path):
+    if resume:
         print(f"[ray-wsss] sweep {spec.name}: resuming {path}", flush=True)
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True,
                                    restart_errored=True)

@@ -157,7 +157,7 @@ def test_the_sweep_key_follows_what_the_trials_read(tiny_run, tmp_path):
     assert key(refine) != base and key(pipeline) == before
 
 
-def test_tiny_thresholds_sweep(copy_run, tiny_run):
+def test_tiny_thresholds_sweep(copy_run, tiny_run, monkeypatch):
     root = copy_run("sweep")
     run = Run(tiny_run.config, root)
     spec = load_spec("thresholds", {
@@ -184,7 +184,14 @@ def test_tiny_thresholds_sweep(copy_run, tiny_run):
     assert list(cfg.cams.scales) == best["params"]["cams.scales"]
     saved = json.load(open(os.path.join(root, "sweeps", "thresholds", "results.json")))
     assert len(saved["trials"]) == 4 and saved["best"]["metric"] == best["metric"]
-    # started again, the sweep restores the finished experiment instead of rerunning it
+    # started again, the sweep restores the finished experiment instead of rerunning it,
+    # and does not check its points again: a validation rule that changed since it
+    # started (here: one that refuses every point) does not keep its trials from it
+    import ray_wsss.sweep
+
+    def changed_rules(*args):
+        raise AssertionError("a resumed sweep's points are checked again")
+    monkeypatch.setattr(ray_wsss.sweep, "check_space", changed_rules)
     again = run_sweep(run.config, run, spec)
     assert again["best"]["metric"] == best["metric"] and len(again["rows"]) == 4
     key = sweep_key(spec, run.config, run)

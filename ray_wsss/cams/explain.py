@@ -80,7 +80,10 @@ class Explainer:
                       for img, p, i in zip(images, batch["prior"], ids)]
         labelled = [vector_to_labels(v) - 1 for v in label_matrix(batch["label_vector"])]
         detected = [np.flatnonzero(p > 0.5) for p in self.maker.probs(images)]
-        same = all(np.array_equal(a, b) for a, b in zip(detected, labelled))
+        # images whose labelled classes differ from the detected ones: their seed and box
+        # maps are made again for the labels (the XAI metrics take the detected classes)
+        redo = [i for i, (a, b) in enumerate(zip(detected, labelled))
+                if not np.array_equal(a, b)]
         m, t = len(self.methods), len(self.thresholds) if self.background else 1
         sums = np.zeros((1, m, len(KEYS)))
         conf = np.zeros((1, m, t, self.n_labels, self.n_labels + 1), np.int64)
@@ -102,7 +105,12 @@ class Explainer:
                                         [detected[i]])
                 faith[0, mi] += faithfulness_sums(self.maker.model, x.float(), maps_det[i],
                                                   detected[i], self.faithfulness)
-            maps_lab = maps_det if same else self.maker.maps(fn, images, labelled)[0]
+            maps_lab = list(maps_det)
+            if redo:
+                again = self.maker.maps(fn, [images[i] for i in redo],
+                                        [labelled[i] for i in redo])[0]
+                for i, m in zip(redo, again):
+                    maps_lab[i] = m
             for i, image_id in enumerate(ids):
                 if masks[i] is not None:
                     conf[0, mi] += self._seed_confusion(maps_lab[i], labelled[i] + 1,
