@@ -109,8 +109,8 @@ class Explainer:
             if redo:
                 again = self.maker.maps(fn, [images[i] for i in redo],
                                         [labelled[i] for i in redo])[0]
-                for i, m in zip(redo, again):
-                    maps_lab[i] = m
+                for i, maps_i in zip(redo, again):
+                    maps_lab[i] = maps_i
             for i, image_id in enumerate(ids):
                 if masks[i] is not None:
                     conf[0, mi] += self._seed_confusion(maps_lab[i], labelled[i] + 1,
